@@ -1,0 +1,3 @@
+"""wsproxy: a WebSocket keep-alive sidecar."""
+
+__version__ = "0.1.0"

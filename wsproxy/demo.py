@@ -1,0 +1,92 @@
+"""``wsproxy demo``: the whole product on one machine with nothing else running.
+
+An echo upstream (the ``websockets`` library) that also sends a tick every few
+seconds, and wsproxy in front of it with short keep-alive intervals so a newcomer
+sees pings, pongs and closes in the log within seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from wsproxy.config import parse_config
+from wsproxy.logs import FIELDS
+from wsproxy.server import Proxy
+
+log = logging.getLogger("wsproxy.demo")
+
+TICK_SECONDS = 4.0
+
+
+async def _upstream_handler(ws: ServerConnection) -> None:
+    async def tick() -> None:
+        n = 0
+        while True:  # ends when the connection closes (send raises) or is cancelled
+            await asyncio.sleep(TICK_SECONDS)
+            n += 1
+            await ws.send(f"tick {n} from the upstream")
+
+    ticker = asyncio.create_task(tick())
+    try:
+        async for message in ws:
+            await ws.send(message)
+    except ConnectionClosed:
+        pass
+    finally:
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+            await ticker
+        log.info(
+            "upstream saw close",
+            extra={FIELDS: {"code": ws.close_code, "reason": ws.close_reason}},
+        )
+
+
+async def run_demo(port: int, ping_interval: float, pong_wait: float) -> int:
+    # The upstream answers pings itself, but its own keep-alive is off so that the
+    # pings in the log are the proxy's.
+    async with serve(_upstream_handler, "127.0.0.1", 0, ping_interval=None) as upstream:
+        uport = upstream.sockets[0].getsockname()[1] if upstream.sockets else 0
+        config = parse_config(
+            {
+                "listen": f"127.0.0.1:{port}",
+                "upstream": {"url": f"ws://127.0.0.1:{uport}"},
+                "routes": [{"path": "/v1.0/ws"}, {"path": "/v1.0/service_agents/ws"}],
+                "keepalive": {
+                    "ping_interval": ping_interval,
+                    "pong_wait": pong_wait,
+                    "write_wait": 10,
+                },
+                "log": {"level": "debug", "format": "text"},
+            }
+        )
+        proxy = Proxy(config)
+        await proxy.start()
+        url = f"ws://127.0.0.1:{proxy.port}/v1.0/ws"
+        print(
+            f"\nwsproxy demo: upstream echo on ws://127.0.0.1:{uport}, proxy on {url}\n"
+            f"  pings every {ping_interval:g}s, pong deadline {pong_wait:g}s.\n"
+            f"  Connect with:  {sys.executable} -m websockets {url}\n"
+            "  Type a line to see it echoed; the upstream ticks every "
+            f"{TICK_SECONDS:g}s. Ctrl-C stops.\n",
+            flush=True,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            print("\nstopping: closing connections with 1001", flush=True)
+            await proxy.close(grace=2.0)
+    return 0
