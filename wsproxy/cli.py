@@ -34,7 +34,7 @@ ConfigOpt = Annotated[
 
 def _fail(lines: list[str]) -> None:
     for line in lines:
-        typer.echo(f"wsproxy: {line}", err=True)
+        typer.echo(line, err=True)
     raise typer.Exit(2)
 
 

@@ -90,6 +90,45 @@ def _now() -> float:
 class Relay(asyncio.Protocol):
     """The client side of one proxied connection, and the owner of its upstream side."""
 
+    # Slots: tens of thousands of these live at once; a __dict__ each would double them.
+    __slots__ = (
+        "_client_close_sent",
+        "_client_lost",
+        "_client_wdl",
+        "_close_timer",
+        "_connect_task",
+        "_finished",
+        "_handshake_timer",
+        "_head",
+        "_held",
+        "_pending_ping",
+        "_timer",
+        "_upstream_close_sent",
+        "_upstream_lost",
+        "_upstream_wdl",
+        "bytes_in",
+        "bytes_out",
+        "client",
+        "client_code",
+        "closed_by",
+        "config",
+        "cscan",
+        "id",
+        "ka",
+        "loop",
+        "path",
+        "peer",
+        "proxy",
+        "route",
+        "settings",
+        "started",
+        "state",
+        "status",
+        "upstream",
+        "upstream_code",
+        "uscan",
+    )
+
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         self.config = proxy.config

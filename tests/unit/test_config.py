@@ -1,0 +1,923 @@
+"""wsproxy.config: grammar, validation messages, overrides, loading, effective YAML."""
+
+from __future__ import annotations
+
+import math
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from wsproxy import config as cfgmod
+from wsproxy.config import (
+    Config,
+    ConfigError,
+    KeepaliveOverride,
+    KeepaliveSettings,
+    Route,
+    effective_yaml,
+    format_duration,
+    format_size,
+    format_validation_error,
+    load_config,
+    parse_config,
+    parse_duration,
+    parse_size,
+)
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.yaml"
+
+
+def minimal(**extra: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {"upstream": {"url": "ws://127.0.0.1:9000"}, "routes": [{"path": "/ws"}]}
+    data.update(extra)
+    return data
+
+
+def errors_of(data: Any, overrides: dict[str, object] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, overrides)
+    assert str(info.value) == "\n".join(info.value.lines)
+    return info.value.lines
+
+
+def one_error(data: Any, overrides: dict[str, object] | None = None) -> str:
+    lines = errors_of(data, overrides)
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- grammar
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("30s", 30.0),
+        ("250ms", 0.25),
+        ("1.5s", 1.5),
+        ("2m", 120.0),
+        ("1h", 3600.0),
+        ("30", 30.0),
+        (" 30 s ", 30.0),
+        (".5s", 0.5),
+        ("1e3ms", 1.0),
+        (30, 30.0),
+        (2.5, 2.5),
+        (0, 0.0),
+        ("0s", 0.0),
+    ],
+)
+def test_parse_duration(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("30x", "invalid duration '30x' (use e.g. 30s, 250ms, 1.5s, 2m or a number of seconds)"),
+        ("", "invalid duration ''"),
+        ("s", "invalid duration 's'"),
+        ("30S", "invalid duration '30S'"),
+        ("-5s", "invalid duration '-5s'"),
+        (True, "invalid duration true"),
+        (None, "invalid duration null"),
+        ([1], "invalid duration a list"),
+        (float("inf"), "invalid duration inf (must be finite)"),
+        ("1e999s", "invalid duration '1e999s' (must be finite)"),
+        (float("nan"), "invalid duration nan (must be finite)"),
+        (-1, "must be positive (got -1)"),
+    ],
+)
+def test_parse_duration_rejects(value: object, message: str) -> None:
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.0, "0s"),
+        (1.0, "1s"),
+        (30.0, "30s"),
+        (60.0, "60s"),
+        (90.0, "90s"),
+        (120.0, "2m"),
+        (3600.0, "60m"),
+        (7200.0, "2h"),
+        (0.25, "250ms"),
+        (0.001, "1ms"),
+        (1.5, "1.5s"),
+        (0.0015, "0.0015s"),
+        (1e20, "1e+20s"),
+    ],
+)
+def test_format_duration(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+    assert parse_duration(text) == seconds
+
+
+def test_format_duration_negative_is_plain_seconds() -> None:
+    assert format_duration(-2.0) == "-2.0s"
+
+
+@given(st.floats(min_value=0, max_value=1e300, allow_nan=False, allow_infinity=False))
+def test_duration_round_trip(seconds: float) -> None:
+    assert parse_duration(format_duration(seconds)) == seconds
+
+
+@given(st.integers(min_value=0, max_value=10**6), st.sampled_from(["ms", "s", "m", "h", ""]))
+def test_duration_text_round_trip(n: int, unit: str) -> None:
+    seconds = parse_duration(f"{n}{unit}")
+    assert parse_duration(format_duration(seconds)) == seconds
+
+
+@pytest.mark.parametrize(
+    ("text", "n"),
+    [
+        ("64KiB", 64 * 1024),
+        ("16MiB", 16 * 1024**2),
+        ("1GiB", 1024**3),
+        ("10KB", 10_000),
+        ("2MB", 2_000_000),
+        ("1GB", 10**9),
+        ("512B", 512),
+        ("16mib", 16 * 1024**2),
+        ("1.5KiB", 1536),
+        ("16384", 16384),
+        (" 8 KiB ", 8192),
+        (16384, 16384),
+        (1024.0, 1024),
+        (0, 0),
+    ],
+)
+def test_parse_size(text: object, n: int) -> None:
+    assert parse_size(text) == n
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("16XB", "invalid size '16XB' (use e.g. 64KiB, 16MiB or a number of bytes)"),
+        ("KiB", "invalid size 'KiB'"),
+        ("-1KiB", "invalid size '-1KiB'"),
+        (True, "invalid size true"),
+        (None, "invalid size null"),
+        ({}, "invalid size a dict"),
+        (float("inf"), "invalid size inf"),
+        (float("nan"), "invalid size nan"),
+        ("0.5B", "invalid size '0.5B' (not a whole number of bytes)"),
+        (1.5, "invalid size 1.5 (not a whole number of bytes)"),
+        (-1, "must be positive (got -1)"),
+    ],
+)
+def test_parse_size_rejects(value: object, message: str) -> None:
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        parse_size(value)
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [
+        (0, "0"),
+        (1, "1"),
+        (1000, "1KB"),
+        (1024, "1KiB"),
+        (16384, "16KiB"),
+        (16 * 1024**2, "16MiB"),
+        (3 * 1024**3, "3GiB"),
+        (5 * 10**6, "5MB"),
+        (7 * 10**9, "7GB"),
+        (12345, "12345"),
+    ],
+)
+def test_format_size(n: int, text: str) -> None:
+    assert format_size(n) == text
+    assert parse_size(text) == n
+
+
+@given(st.integers(min_value=0, max_value=2**63))
+def test_size_round_trip(n: int) -> None:
+    assert parse_size(format_size(n)) == n
+
+
+# ------------------------------------------------------------------------ the models
+
+
+def test_defaults() -> None:
+    cfg = parse_config(minimal())
+    assert cfg.listen == "0.0.0.0:8080"
+    assert (cfg.listen_host, cfg.listen_port) == ("0.0.0.0", 8080)
+    assert cfg.tls is None
+    assert cfg.keepalive == KeepaliveSettings(
+        ping_interval=30, pong_wait=60, write_wait=10, close_timeout=5, liveness="pong"
+    )
+    assert cfg.passthrough == "tunnel"
+    assert cfg.limits.max_connections == 10000
+    assert cfg.limits.max_frame_size == 16 * 1024**2
+    assert cfg.limits.handshake_timeout == 10.0
+    assert cfg.limits.max_header_bytes == 16384
+    assert (cfg.log.level, cfg.log.format) == ("info", "json")
+    up = cfg.upstream
+    assert up.connect_timeout == 5.0
+    assert (up.tls.ca_file, up.tls.server_name, up.tls.verify) == (None, None, True)
+    assert up.gone_close_code == 1011
+
+
+def test_models_are_frozen() -> None:
+    cfg = parse_config(minimal())
+    with pytest.raises(ValidationError):
+        cfg.listen = "x"
+
+
+@pytest.mark.parametrize(
+    ("url", "scheme", "host", "port", "secure"),
+    [
+        ("ws://127.0.0.1:9000", "ws", "127.0.0.1", 9000, False),
+        ("ws://localhost", "ws", "localhost", 80, False),
+        ("wss://api.example.com", "wss", "api.example.com", 443, True),
+        ("WSS://[::1]:8443/", "wss", "::1", 8443, True),
+    ],
+)
+def test_upstream_properties(url: str, scheme: str, host: str, port: int, secure: bool) -> None:
+    up = parse_config(minimal(upstream={"url": url})).upstream
+    assert (up.scheme, up.host, up.port, up.secure) == (scheme, host, port, secure)
+
+
+@pytest.mark.parametrize(
+    ("listen", "host", "port"),
+    [
+        ("0.0.0.0:8080", "0.0.0.0", 8080),
+        ("127.0.0.1:0", "127.0.0.1", 0),
+        ("localhost:65535", "localhost", 65535),
+        ("[::1]:80", "::1", 80),
+        ("[::]:8080", "::", 8080),
+    ],
+)
+def test_listen(listen: str, host: str, port: int) -> None:
+    cfg = parse_config(minimal(listen=listen))
+    assert (cfg.listen_host, cfg.listen_port) == (host, port)
+
+
+def test_route_for_and_keepalive_for() -> None:
+    cfg = parse_config(
+        minimal(
+            routes=[
+                {"path": "/v1.0/ws"},
+                {"path": "/v1.0/service_agents/ws", "keepalive": {"ping_interval": "20s"}},
+                {"path": "/empty", "keepalive": {}},
+                {"path": "/any", "keepalive": {"liveness": "ANY_FRAME", "pong_wait": "2m"}},
+            ]
+        )
+    )
+    plain = cfg.route_for("/v1.0/ws")
+    agents = cfg.route_for("/v1.0/service_agents/ws")
+    assert plain is cfg.routes[0]
+    assert agents is cfg.routes[1]
+    assert cfg.route_for("/v1.0/ws/") is None
+    assert cfg.route_for("/v1.0") is None
+    assert plain is not None and agents is not None
+    assert cfg.keepalive_for(plain) == cfg.keepalive
+    merged = cfg.keepalive_for(agents)
+    assert merged.ping_interval == 20.0
+    assert (merged.pong_wait, merged.write_wait, merged.close_timeout) == (60.0, 10.0, 5.0)
+    empty = cfg.route_for("/empty")
+    assert empty is not None and cfg.keepalive_for(empty) == cfg.keepalive
+    anyr = cfg.route_for("/any")
+    assert anyr is not None
+    assert cfg.keepalive_for(anyr).liveness == "any_frame"
+    assert cfg.keepalive_for(anyr).pong_wait == 120.0
+    # A route object that is not part of this config is merged on the fly.
+    foreign = Route(path="/v1.0/ws", keepalive=KeepaliveOverride(write_wait=3))
+    assert cfg.keepalive_for(foreign).write_wait == 3.0
+    assert cfg.keepalive_for(foreign).ping_interval == 30.0
+
+
+def test_route_override_may_relax_global() -> None:
+    cfg = parse_config(
+        minimal(
+            keepalive={"ping_interval": "5s", "pong_wait": "10s"},
+            routes=[{"path": "/ws", "keepalive": {"ping_interval": "1m", "pong_wait": "3m"}}],
+        )
+    )
+    assert cfg.keepalive_for(cfg.routes[0]).ping_interval == 60.0
+
+
+def test_passthrough_unquoted_off_and_case() -> None:
+    cfg = load_config_text("upstream: {url: 'ws://h'}\nroutes: [{path: /}]\npassthrough: off\n")
+    assert cfg.passthrough == "off"
+    cfg = parse_config(minimal(log={"level": "DEBUG", "format": "Text"}))
+    assert (cfg.log.level, cfg.log.format) == ("debug", "text")
+
+
+def test_server_tls_files(tmp_path: Path) -> None:
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_text("cert")
+    key.write_text("key")
+    ca = tmp_path / "ca.pem"
+    ca.write_text("ca")
+    cfg = parse_config(
+        minimal(
+            tls={"cert_file": str(cert), "key_file": str(key)},
+            upstream={
+                "url": "wss://127.0.0.1:443",
+                "tls": {"ca_file": str(ca), "server_name": "api.voipbin.net", "verify": False},
+            },
+        )
+    )
+    assert cfg.tls is not None
+    assert (cfg.tls.cert_file, cfg.tls.key_file) == (cert, key)
+    assert cfg.upstream.tls.ca_file == ca
+    assert cfg.upstream.tls.verify is False
+
+
+# ------------------------------------------------------------------ validation lines
+
+
+@pytest.mark.parametrize(
+    ("data", "line"),
+    [
+        # ping_interval < pong_wait, globally and per route after merging
+        (
+            minimal(keepalive={"ping_interval": "60s"}),
+            "keepalive.ping_interval: must be less than pong_wait (60s)",
+        ),
+        (
+            minimal(keepalive={"ping_interval": "30s", "pong_wait": "30s"}),
+            "keepalive.ping_interval: must be less than pong_wait (30s)",
+        ),
+        (
+            minimal(routes=[{"path": "/a"}, {"path": "/b", "keepalive": {"ping_interval": "90s"}}]),
+            "routes.1.keepalive.ping_interval: must be less than pong_wait (60s)",
+        ),
+        (
+            minimal(routes=[{"path": "/a", "keepalive": {"pong_wait": "20s"}}]),
+            "routes.0.keepalive.pong_wait: must be greater than ping_interval (30s)",
+        ),
+        # durations positive and well-formed
+        (
+            minimal(keepalive={"write_wait": 0}),
+            "keepalive.write_wait: must be positive (got 0)",
+        ),
+        (
+            minimal(keepalive={"close_timeout": "0s"}),
+            "keepalive.close_timeout: must be positive (got '0s')",
+        ),
+        (
+            minimal(upstream={"url": "ws://h", "connect_timeout": -1}),
+            "upstream.connect_timeout: must be positive (got -1)",
+        ),
+        (
+            minimal(limits={"handshake_timeout": "10 sec"}),
+            "limits.handshake_timeout: invalid duration '10 sec' "
+            "(use e.g. 30s, 250ms, 1.5s, 2m or a number of seconds)",
+        ),
+        (
+            minimal(routes=[{"path": "/a", "keepalive": {"write_wait": "soon"}}]),
+            "routes.0.keepalive.write_wait: invalid duration 'soon' "
+            "(use e.g. 30s, 250ms, 1.5s, 2m or a number of seconds)",
+        ),
+        # sizes
+        (
+            minimal(limits={"max_frame_size": "16XB"}),
+            "limits.max_frame_size: invalid size '16XB' "
+            "(use e.g. 64KiB, 16MiB or a number of bytes)",
+        ),
+        (
+            minimal(limits={"max_header_bytes": 0}),
+            "limits.max_header_bytes: must be positive (got 0)",
+        ),
+        (
+            minimal(limits={"max_connections": 0}),
+            "limits.max_connections: must be greater than 0 (got 0)",
+        ),
+        (
+            minimal(limits={"max_connections": "many"}),
+            "limits.max_connections: must be a whole number (got 'many')",
+        ),
+        (
+            minimal(limits={"max_connections": True}),
+            "limits.max_connections: must be a whole number (got true)",
+        ),
+        # upstream url
+        (
+            minimal(upstream={"url": "https://h"}),
+            "upstream.url: scheme must be ws or wss (got 'https://h')",
+        ),
+        (minimal(upstream={"url": "127.0.0.1:443"}), "upstream.url: scheme must be ws or wss"),
+        (minimal(upstream={"url": "ws://"}), "upstream.url: host is missing (got 'ws://')"),
+        (
+            minimal(upstream={"url": "ws://h:99999"}),
+            "upstream.url: invalid port (got 'ws://h:99999')",
+        ),
+        (minimal(upstream={"url": "ws://h/api"}), "upstream.url: must not have a path or query"),
+        (minimal(upstream={"url": "ws://h?x=1"}), "upstream.url: must not have a path or query"),
+        (minimal(upstream={"url": "ws://h#f"}), "upstream.url: must not have a path or query"),
+        (
+            minimal(upstream={"url": "ws://u:p@h"}),
+            "upstream.url: must not contain credentials (got 'ws://u:p@h')",
+        ),
+        (minimal(upstream={}), "upstream.url: missing required key"),
+        (
+            minimal(upstream={"url": "ws://h", "gone_close_code": 1000}),
+            "upstream.gone_close_code: must be 1011 or 1012 (got 1000)",
+        ),
+        (
+            minimal(upstream={"url": "ws://h", "tls": {"verify": "maybe"}}),
+            "upstream.tls.verify: must be true or false (got 'maybe')",
+        ),
+        (
+            minimal(upstream={"url": "ws://h", "tls": {"server_name": 5}}),
+            "upstream.tls.server_name: must be a string (got 5)",
+        ),
+        # routes
+        (minimal(routes=[]), "routes: must not be empty"),
+        (minimal(routes={"path": "/"}), "routes: must be a list (got a dict)"),
+        (minimal(routes=["/ws"]), "routes.0: must be a mapping of keys (got '/ws')"),
+        (minimal(routes=[{}]), "routes.0.path: missing required key"),
+        (
+            minimal(routes=[{"path": "/a"}, {"path": "v1.0/ws"}]),
+            "routes.1.path: must start with '/' (got 'v1.0/ws')",
+        ),
+        (
+            minimal(routes=[{"path": "/a?x=1"}]),
+            "routes.0.path: must be a plain path without query or spaces (got '/a?x=1')",
+        ),
+        (minimal(routes=[{"path": "/a b"}]), "routes.0.path: must be a plain path without query"),
+        (
+            minimal(routes=[{"path": "/a"}, {"path": "/b"}, {"path": "/a"}]),
+            "routes.2.path: duplicate route '/a' (already routes.0.path)",
+        ),
+        # enums
+        (
+            minimal(passthrough="proxy"),
+            "passthrough: must be 'tunnel' or 'off' (got 'proxy')",
+        ),
+        (minimal(passthrough=True), "passthrough: must be 'tunnel' or 'off' (got true)"),
+        (
+            minimal(log={"level": "verbose"}),
+            "log.level: must be 'debug', 'info', 'warning' or 'error' (got 'verbose')",
+        ),
+        (minimal(log={"format": "xml"}), "log.format: must be 'json' or 'text' (got 'xml')"),
+        (
+            minimal(keepalive={"liveness": "data"}),
+            "keepalive.liveness: must be 'pong' or 'any_frame' (got 'data')",
+        ),
+        # listen
+        (
+            minimal(listen="8080"),
+            "listen: invalid address '8080' (use host:port, e.g. 0.0.0.0:8080 or [::1]:8080)",
+        ),
+        (minimal(listen=":8080"), "listen: invalid address ':8080'"),
+        (minimal(listen="h:"), "listen: invalid address 'h:'"),
+        (minimal(listen="h:http"), "listen: invalid address 'h:http'"),
+        (minimal(listen="h:70000"), "listen: invalid address 'h:70000'"),
+        (minimal(listen="h:\u0668\u0660"), "listen: invalid address"),
+        (minimal(listen="::1:80"), "listen: invalid address '::1:80'"),
+        (minimal(listen="[::1]"), "listen: invalid address '[::1]'"),
+        (minimal(listen="[::1]80"), "listen: invalid address '[::1]80'"),
+        (minimal(listen="[]:80"), "listen: invalid address '[]:80'"),
+        (minimal(listen=8080), "listen: must be a string (got 8080)"),
+        # sections of the wrong shape
+        (minimal(keepalive="30s"), "keepalive: must be a mapping of keys (got '30s')"),
+        (minimal(log=None), "log: must be a mapping of keys (got null)"),
+        ({"routes": [{"path": "/"}]}, "upstream: missing required key"),
+    ],
+)
+def test_validation_line(data: dict[str, Any], line: str) -> None:
+    got = one_error(data)
+    assert got.startswith(line), got
+    assert "Value error" not in got
+    assert "Input should" not in got
+
+
+def test_missing_routes() -> None:
+    assert one_error({"upstream": {"url": "ws://h"}}) == "routes: missing required key"
+
+
+def test_all_errors_reported_at_once() -> None:
+    lines = errors_of(
+        {
+            "listen": "nope",
+            "upstream": {"url": "http://h"},
+            "routes": [{"path": "a"}],
+            "keepalive": {"ping_intervl": "1s", "pong_wait": "5x"},
+            "limits": {"max_frame_size": "16XB"},
+        }
+    )
+    keys = [line.split(":", 1)[0] for line in lines]
+    assert keys == [
+        "listen",
+        "upstream.url",
+        "routes.0.path",
+        "keepalive.pong_wait",
+        "keepalive.ping_intervl",
+        "limits.max_frame_size",
+    ]
+
+
+def test_tls_file_unreadable(tmp_path: Path) -> None:
+    key = tmp_path / "k.pem"
+    key.write_text("key")
+    missing = tmp_path / "missing.pem"
+    lines = errors_of(minimal(tls={"cert_file": str(missing), "key_file": str(tmp_path)}))
+    assert lines == [
+        f"tls.cert_file: cannot read file '{missing}': No such file or directory",
+        f"tls.key_file: cannot read file '{tmp_path}': Is a directory",
+    ]
+    assert one_error(
+        minimal(upstream={"url": "wss://h", "tls": {"ca_file": str(missing)}})
+    ).startswith(f"upstream.tls.ca_file: cannot read file '{missing}'")
+    assert one_error(minimal(tls={"cert_file": str(key)})) == "tls.key_file: missing required key"
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        (minimal(bogus=1), "bogus"),
+        (minimal(tls={"cert": "x"}), "tls.cert"),
+        (minimal(upstream={"url": "ws://h", "timeout": "5s"}), "upstream.timeout"),
+        (minimal(upstream={"url": "ws://h", "tls": {"insecure": True}}), "upstream.tls.insecure"),
+        (minimal(routes=[{"path": "/", "ping_interval": "5s"}]), "routes.0.ping_interval"),
+        (
+            minimal(routes=[{"path": "/", "keepalive": {"pong": "5s"}}]),
+            "routes.0.keepalive.pong",
+        ),
+        (minimal(keepalive={"ping_intervl": "5s"}), "keepalive.ping_intervl"),
+        (minimal(limits={"max_frame": 1}), "limits.max_frame"),
+        (minimal(log={"file": "/tmp/x"}), "log.file"),
+    ],
+)
+def test_unknown_keys(data: dict[str, Any], key: str) -> None:
+    lines = errors_of(data)
+    assert f"{key}: unknown key" in lines
+    # tls also lacks its two required files; everything else is only the unknown key
+    assert len(lines) == (3 if key == "tls.cert" else 1), lines
+
+
+def test_format_validation_error_direct() -> None:
+    with pytest.raises(ValidationError) as info:
+        Config.model_validate(5)
+    assert format_validation_error(info.value) == ["(config): must be a mapping of keys (got 5)"]
+    with pytest.raises(ValidationError) as info2:
+        KeepaliveSettings(ping_interval=9, pong_wait=3)
+    assert format_validation_error(info2.value) == [
+        "ping_interval: must be less than pong_wait (3s)"
+    ]
+    # The raw pydantic text stays readable too.
+    assert "ping_interval: must be less than pong_wait (3s)" in str(info2.value)
+
+
+@pytest.mark.parametrize(
+    ("err", "message"),
+    [
+        (
+            {"type": "less_than_equal", "msg": "x", "input": 9, "ctx": {"le": 5}},
+            "must be at most 5 (got 9)",
+        ),
+        (
+            {"type": "greater_than_equal", "msg": "x", "input": 0, "ctx": {"ge": 1}},
+            "must be at least 1 (got 0)",
+        ),
+        (
+            {"type": "float_type", "msg": "Input should be a valid number", "input": "a"},
+            "must be a valid number (got 'a')",
+        ),
+        (
+            {"type": "path_type", "msg": "Input is not a valid path", "input": 1},
+            "Input is not a valid path (got 1)",
+        ),
+        ({"type": "value_error", "msg": "Value error, boom"}, "Value error, boom"),
+    ],
+)
+def test_message_fallbacks(err: dict[str, Any], message: str) -> None:
+    assert cfgmod._message(err) == message
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def test_overrides() -> None:
+    cfg = parse_config(
+        minimal(routes=[{"path": "/a"}, {"path": "/b", "keepalive": {"ping_interval": "5s"}}]),
+        {
+            "upstream.url": "wss://10.0.0.1:8443",
+            "keepalive.ping_interval": "20s",
+            "limits.max_connections": "100",
+            "upstream.tls.verify": "false",
+            "log.level": "debug",
+            "routes.1.keepalive.ping_interval": "7s",
+            "routes.0.keepalive.pong_wait": "25s",
+        },
+    )
+    assert cfg.upstream.url == "wss://10.0.0.1:8443"
+    assert cfg.keepalive.ping_interval == 20.0
+    assert cfg.limits.max_connections == 100
+    assert cfg.upstream.tls.verify is False
+    assert cfg.log.level == "debug"
+    assert cfg.keepalive_for(cfg.routes[1]).ping_interval == 7.0
+    assert cfg.keepalive_for(cfg.routes[0]).pong_wait == 25.0
+
+
+def test_overrides_do_not_touch_input() -> None:
+    data = minimal(keepalive={"ping_interval": "10s"})
+    parse_config(data, {"keepalive.ping_interval": "20s", "log.level": "debug"})
+    assert data == minimal(keepalive={"ping_interval": "10s"})
+
+
+def test_override_creates_missing_sections() -> None:
+    cfg = parse_config(
+        {"routes": [{"path": "/"}], "log": None},
+        {"upstream.url": "ws://h", "log.format": "text"},
+    )
+    assert cfg.upstream.url == "ws://h"
+    assert cfg.log.format == "text"
+
+
+def test_override_is_validated() -> None:
+    assert one_error(minimal(), {"keepalive.ping_interval": "2m"}) == (
+        "keepalive.ping_interval: must be less than pong_wait (60s)"
+    )
+    assert one_error(minimal(), {"keepalive.nope": 1}) == "keepalive.nope: unknown key"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        ({"keepalive..ping_interval": "1s"}, "keepalive..ping_interval: invalid override key"),
+        ({"": "1s"}, ": invalid override key"),
+        ({"routes.5.path": "/x"}, "routes.5: no such list item (have 1)"),
+        ({"routes.first.path": "/x"}, "routes.first: no such list item (have 1)"),
+        ({"listen.port": 80}, "listen.port: cannot override inside '0.0.0.0:8080'"),
+    ],
+)
+def test_override_errors(overrides: dict[str, object], line: str) -> None:
+    data = minimal(listen="0.0.0.0:8080")
+    assert one_error(data, overrides).startswith(line)
+
+
+def test_override_replaces_list_item() -> None:
+    cfg = parse_config(minimal(), {"routes.0": {"path": "/other"}})
+    assert cfg.routes[0].path == "/other"
+
+
+def test_parse_config_requires_mapping() -> None:
+    assert one_error(["x"]) == "(config): must be a mapping of keys (got a list)"
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config_text(text: str) -> Config:
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "wsproxy.yaml"
+        p.write_text(text)
+        return load_config(p)
+
+
+def load_error(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    return info.value.lines
+
+
+def test_load_missing_file(tmp_path: Path) -> None:
+    p = tmp_path / "nope.yaml"
+    assert load_error(p) == [f"{p}: cannot read config file: No such file or directory"]
+
+
+def test_load_directory(tmp_path: Path) -> None:
+    assert load_error(tmp_path)[0].startswith(f"{tmp_path}: cannot read config file: ")
+
+
+def test_load_yaml_syntax_error(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("upstream:\n  url: ws://h\nroutes: [\n  - path: /\n")
+    [line] = load_error(p)
+    assert line.startswith(f"{p}:")
+    assert "YAML syntax error" in line
+
+
+def test_load_yaml_tab(tmp_path: Path) -> None:
+    p = tmp_path / "tab.yaml"
+    p.write_text("upstream:\n\turl: ws://h\n")
+    assert load_error(p) == [
+        f"{p}:2:1: YAML syntax error: found character '\\t' that cannot start any token"
+    ]
+
+
+def test_load_yaml_control_character(tmp_path: Path) -> None:
+    p = tmp_path / "ctl.yaml"
+    p.write_text("listen: \x07\n")
+    [line] = load_error(p)
+    assert line.startswith(f"{p}: YAML syntax error: ")
+
+
+def test_load_yaml_error_without_mark(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = tmp_path / "x.yaml"
+    p.write_text("a: 1\n")
+
+    def boom(*args: object, **kwargs: object) -> object:
+        raise yaml.MarkedYAMLError()
+
+    monkeypatch.setattr(yaml, "load", boom)
+    assert load_error(p) == [f"{p}: YAML syntax error: invalid YAML"]
+
+
+def test_load_not_utf8(tmp_path: Path) -> None:
+    p = tmp_path / "bin.yaml"
+    p.write_bytes(b"listen: \xff\xfe\n")
+    [line] = load_error(p)
+    assert line.startswith(f"{p}: not UTF-8 text")
+
+
+def test_load_duplicate_key(tmp_path: Path) -> None:
+    p = tmp_path / "dup.yaml"
+    p.write_text(
+        "upstream: {url: 'ws://h'}\nroutes: [{path: /}]\n"
+        "keepalive:\n  ping_interval: 10s\n  ping_interval: 20s\n"
+    )
+    assert load_error(p) == [f"{p}:5:3: YAML syntax error: duplicate key 'ping_interval'"]
+
+
+def test_load_complex_key_still_rejected(tmp_path: Path) -> None:
+    p = tmp_path / "k.yaml"
+    p.write_text("? [a, b]\n: 1\n")
+    [line] = load_error(p)
+    assert line.startswith(f"{p}:") and "YAML syntax error" in line
+
+
+def test_load_unsafe_tag_rejected(tmp_path: Path) -> None:
+    p = tmp_path / "tag.yaml"
+    p.write_text("listen: !!python/object/apply:os.getcwd []\n")
+    [line] = load_error(p)
+    assert line.startswith(f"{p}:1:9: YAML syntax error")
+
+
+@pytest.mark.parametrize(
+    ("text", "suffix"),
+    [
+        ("", "config file is empty"),
+        ("# only a comment\n", "config file is empty"),
+        ("- a\n", "must be a mapping of keys (got a list)"),
+        ("just text\n", "must be a mapping of keys (got 'just text')"),
+    ],
+)
+def test_load_not_a_mapping(tmp_path: Path, text: str, suffix: str) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    assert load_error(p) == [f"{p}: {suffix}"]
+
+
+def test_load_validation_errors_are_key_lines(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text(
+        "upstream: {url: 'ws://h'}\n"
+        "routes:\n  - path: /a\n  - path: /b\n    keepalive: {ping_interval: 90s}\n"
+    )
+    assert load_error(p) == ["routes.1.keepalive.ping_interval: must be less than pong_wait (60s)"]
+
+
+def test_load_with_overrides(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("upstream: {url: 'ws://h'}\nroutes: [{path: /}]\n")
+    cfg = load_config(str(p), {"limits.max_frame_size": "1MiB"})
+    assert cfg.limits.max_frame_size == 1024 * 1024
+
+
+def test_example_config_loads() -> None:
+    cfg = load_config(EXAMPLE)
+    assert cfg.listen == "0.0.0.0:8080"
+    assert cfg.tls is None
+    assert cfg.upstream.url == "wss://127.0.0.1:443"
+    assert (cfg.upstream.host, cfg.upstream.port, cfg.upstream.secure) == ("127.0.0.1", 443, True)
+    assert cfg.upstream.tls.server_name == "api.voipbin.net"
+    assert cfg.upstream.tls.verify is True
+    assert cfg.upstream.tls.ca_file is None
+    assert [r.path for r in cfg.routes] == ["/v1.0/ws", "/v1.0/service_agents/ws"]
+    ka = cfg.keepalive
+    assert (ka.ping_interval, ka.pong_wait, ka.write_wait) == (30.0, 60.0, 10.0)
+    assert cfg.passthrough == "tunnel"
+    assert cfg.limits.max_frame_size == 16 * 1024**2
+    assert (cfg.log.level, cfg.log.format) == ("info", "json")
+
+
+def test_example_config_sets_every_key() -> None:
+    """Every model field appears in the example (uncommented or as a commented line)."""
+    text = EXAMPLE.read_text()
+    data = yaml.safe_load(text)
+
+    def walk(model: type[Any], node: dict[str, Any] | None, where: str) -> None:
+        for name, field in model.model_fields.items():
+            if node is not None and name in node:
+                sub = field.annotation
+                inner = getattr(sub, "model_fields", None)
+                if inner is not None and isinstance(node[name], dict):
+                    walk(sub, node[name], f"{where}{name}.")
+            else:
+                assert f"# {name}:" in text or f"#   {name}:" in text, f"{where}{name} missing"
+
+    walk(Config, data, "")
+
+
+# ----------------------------------------------------------------------- effective yaml
+
+
+def test_effective_yaml_round_trip(tmp_path: Path) -> None:
+    cert = tmp_path / "c.pem"
+    cert.write_text("x")
+    cfg = parse_config(
+        {
+            "listen": "[::1]:9443",
+            "tls": {"cert_file": str(cert), "key_file": str(cert)},
+            "upstream": {
+                "url": "wss://127.0.0.1:443",
+                "connect_timeout": 1.5,
+                "tls": {"ca_file": str(cert), "server_name": "api.voipbin.net"},
+                "gone_close_code": 1012,
+            },
+            "routes": [
+                {"path": "/v1.0/ws"},
+                {
+                    "path": "/v1.0/service_agents/ws",
+                    "keepalive": {"ping_interval": "20s", "pong_wait": "1m"},
+                },
+                {"path": "/x", "keepalive": {}},
+            ],
+            "keepalive": {"ping_interval": "250ms", "pong_wait": 0.3, "liveness": "any_frame"},
+            "passthrough": "off",
+            "limits": {"max_frame_size": 1000, "max_header_bytes": 12345},
+            "log": {"level": "warning", "format": "text"},
+        }
+    )
+    text = effective_yaml(cfg)
+    data = yaml.safe_load(text)
+    assert data["keepalive"]["ping_interval"] == "250ms"
+    assert data["upstream"]["connect_timeout"] == "1.5s"
+    assert data["limits"]["max_frame_size"] == "1KB"
+    assert data["limits"]["max_header_bytes"] == "12345"
+    assert data["passthrough"] == "off"
+    assert data["routes"][0] == {"path": "/v1.0/ws"}
+    assert data["routes"][1] == {
+        "path": "/v1.0/service_agents/ws",
+        "keepalive": {"ping_interval": "20s", "pong_wait": "60s"},
+    }
+    assert data["routes"][2] == {"path": "/x", "keepalive": {}}
+    p = tmp_path / "effective.yaml"
+    p.write_text(text)
+    assert load_config(p) == cfg
+
+
+def test_effective_yaml_fills_defaults(tmp_path: Path) -> None:
+    cfg = parse_config(minimal())
+    data = yaml.safe_load(effective_yaml(cfg))
+    assert data["keepalive"] == {
+        "ping_interval": "30s",
+        "pong_wait": "60s",
+        "write_wait": "10s",
+        "close_timeout": "5s",
+        "liveness": "pong",
+    }
+    assert data["limits"] == {
+        "max_connections": 10000,
+        "max_frame_size": "16MiB",
+        "handshake_timeout": "10s",
+        "max_header_bytes": "16KiB",
+    }
+    assert data["upstream"]["tls"] == {"ca_file": None, "server_name": None, "verify": True}
+    assert data["tls"] is None
+    p = tmp_path / "e.yaml"
+    p.write_text(effective_yaml(cfg))
+    assert load_config(p) == cfg
+
+
+def test_effective_yaml_of_example_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(EXAMPLE)
+    p = tmp_path / "e.yaml"
+    p.write_text(effective_yaml(cfg))
+    assert load_config(p) == cfg
+
+
+@given(
+    ping=st.floats(min_value=0.001, max_value=1e6, allow_nan=False, allow_infinity=False),
+    extra=st.floats(min_value=0.001, max_value=1e6, allow_nan=False, allow_infinity=False),
+    frame=st.integers(min_value=1, max_value=2**40),
+)
+def test_effective_yaml_round_trip_property(ping: float, extra: float, frame: int) -> None:
+    pong = ping + extra
+    if not ping < pong:
+        return
+    cfg = parse_config(
+        minimal(
+            keepalive={"ping_interval": ping, "pong_wait": pong}, limits={"max_frame_size": frame}
+        )
+    )
+    again = parse_config(yaml.safe_load(effective_yaml(cfg)))
+    assert again == cfg
+    assert math.isclose(again.keepalive.ping_interval, ping)

@@ -1,0 +1,660 @@
+"""Typed configuration: pydantic v2 models loaded from YAML.
+
+Pure module: no asyncio, no sys.exit. Every problem is reported as a
+:class:`ConfigError` whose ``lines`` are ``dotted.key.path: message``; the CLI
+prints them and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Mapping
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import SplitResult, urlsplit
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Duration",
+    "KeepaliveOverride",
+    "KeepaliveSettings",
+    "Limits",
+    "LogSettings",
+    "Route",
+    "ServerTLS",
+    "Size",
+    "Upstream",
+    "UpstreamTLS",
+    "effective_yaml",
+    "format_duration",
+    "format_size",
+    "format_validation_error",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+    "parse_size",
+]
+
+
+class ConfigError(Exception):
+    """The configuration is unusable. ``lines`` are ``dotted.key.path: message``."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = list(lines)
+        super().__init__("\n".join(self.lines))
+
+
+# --------------------------------------------------------------------------- grammar
+
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
+_DURATION_RE = re.compile(rf"^({_NUMBER})\s*(ms|s|m|h)?$")
+_SIZE_RE = re.compile(rf"^({_NUMBER})\s*([kmg]i?b|b)?$", re.IGNORECASE)
+
+_DURATION_UNITS: dict[str, float] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SIZE_UNITS: dict[str, int] = {
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+_DURATION_HINT = "use e.g. 30s, 250ms, 1.5s, 2m or a number of seconds"
+_SIZE_HINT = "use e.g. 64KiB, 16MiB or a number of bytes"
+
+
+def _show(v: object) -> str:
+    """A user's value as it would look in YAML, for error messages."""
+    if isinstance(v, str):
+        return repr(v)
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return f"a {type(v).__name__}"
+
+
+def parse_duration(v: object) -> float:
+    """``30s``, ``250ms``, ``1.5s``, ``2m``, ``1h`` or a plain number of seconds -> seconds.
+
+    Raises ValueError for anything else, for negative and for non-finite values.
+    Zero is accepted here; the ``Duration`` field type rejects it.
+    """
+    if isinstance(v, bool):
+        raise ValueError(f"invalid duration {_show(v)} ({_DURATION_HINT})")
+    if isinstance(v, int | float):
+        seconds = float(v)
+    elif isinstance(v, str):
+        m = _DURATION_RE.match(v.strip())
+        if m is None:
+            raise ValueError(f"invalid duration {_show(v)} ({_DURATION_HINT})")
+        number, unit = m.group(1), m.group(2) or "s"
+        seconds = float(number) if unit == "s" else float(number) * _DURATION_UNITS[unit]
+    else:
+        raise ValueError(f"invalid duration {_show(v)} ({_DURATION_HINT})")
+    if not math.isfinite(seconds):
+        raise ValueError(f"invalid duration {_show(v)} (must be finite)")
+    if seconds < 0:
+        raise ValueError(f"must be positive (got {_show(v)})")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest readable form that :func:`parse_duration` maps back to ``seconds``."""
+    if seconds == 0:
+        return "0s"
+    if 0 < seconds < 1e15:
+        # Hours and minutes only from 2 upwards: "60s" reads better than "1m".
+        candidates = [
+            f"{n}{unit}"
+            for unit, k in (("h", 3600), ("m", 60), ("s", 1))
+            if (n := round(seconds / k)) >= (2 if k > 1 else 1)
+        ]
+        if seconds < 1:
+            candidates.append(f"{round(seconds * 1000)}ms")
+        for text in candidates:
+            if parse_duration(text) == seconds:
+                return text
+    return f"{seconds!r}s"
+
+
+def parse_size(v: object) -> int:
+    """``64KiB``, ``16MiB``, ``1GiB``, ``10KB`` (=10*1000) or a plain number -> bytes.
+
+    Raises ValueError for anything else, for negative values and for fractions of a byte.
+    Zero is accepted here; the ``Size`` field type rejects it.
+    """
+    if isinstance(v, bool):
+        raise ValueError(f"invalid size {_show(v)} ({_SIZE_HINT})")
+    if isinstance(v, int):
+        n = Fraction(v)
+    elif isinstance(v, float):
+        if not math.isfinite(v):
+            raise ValueError(f"invalid size {_show(v)} ({_SIZE_HINT})")
+        n = Fraction(v)
+    elif isinstance(v, str):
+        m = _SIZE_RE.match(v.strip())
+        if m is None:
+            raise ValueError(f"invalid size {_show(v)} ({_SIZE_HINT})")
+        n = Fraction(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()]
+    else:
+        raise ValueError(f"invalid size {_show(v)} ({_SIZE_HINT})")
+    if n < 0:
+        raise ValueError(f"must be positive (got {_show(v)})")
+    if n.denominator != 1:
+        raise ValueError(f"invalid size {_show(v)} (not a whole number of bytes)")
+    return int(n)
+
+
+def format_size(n: int) -> str:
+    """``16777216`` -> ``16MiB``; binary units first, then decimal, else plain bytes."""
+    if n > 0:
+        for unit, k in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+            if n % k == 0:
+                return f"{n // k}{unit}"
+        for unit, k in (("GB", 1000**3), ("MB", 1000**2), ("KB", 1000)):
+            if n % k == 0:
+                return f"{n // k}{unit}"
+    return str(n)
+
+
+def _positive_duration(v: object) -> float:
+    seconds = parse_duration(v)
+    if seconds == 0:
+        raise ValueError(f"must be positive (got {_show(v)})")
+    return seconds
+
+
+def _positive_size(v: object) -> int:
+    n = parse_size(v)
+    if n == 0:
+        raise ValueError(f"must be positive (got {_show(v)})")
+    return n
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(_positive_duration),
+    PlainSerializer(format_duration, return_type=str, when_used="json"),
+]
+"""Seconds as float; YAML accepts ``30s``, ``250ms``, ``2m``, ``1h`` or a number."""
+
+Size = Annotated[
+    int,
+    BeforeValidator(_positive_size),
+    PlainSerializer(format_size, return_type=str, when_used="json"),
+]
+"""Bytes as int; YAML accepts ``64KiB``, ``16MiB``, ``10KB`` or a number."""
+
+
+# ------------------------------------------------------------------ cross-field errors
+
+
+class _KeyErrors(ValueError):
+    """Raised by model validators to report errors at keys below the model's location."""
+
+    def __init__(self, errors: list[tuple[tuple[str | int, ...], str]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{_dotted(loc)}: {msg}" for loc, msg in errors))
+
+
+def _dotted(loc: tuple[str | int, ...]) -> str:
+    return ".".join(str(p) for p in loc) if loc else "(config)"
+
+
+# ------------------------------------------------------------------------ validators
+
+
+def _readable_file(p: Path) -> Path:
+    try:
+        with p.open("rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read file '{p}': {exc.strerror or exc}") from None
+    return p
+
+
+ReadableFile = Annotated[Path, AfterValidator(_readable_file)]
+
+
+def _split_host_port(value: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6addr]:port`` -> (host, port); ValueError if malformed."""
+    if value.startswith("["):
+        host, sep, port = value[1:].partition("]:")
+        if not sep:
+            raise ValueError(value)
+    else:
+        host, sep, port = value.rpartition(":")
+        if not sep or ":" in host:
+            raise ValueError(value)
+    if not host or not port.isdigit() or not port.isascii() or int(port) > 65535:
+        raise ValueError(value)
+    return host, int(port)
+
+
+def _check_listen(value: str) -> str:
+    try:
+        _split_host_port(value)
+    except ValueError:
+        raise ValueError(
+            f"invalid address {_show(value)} (use host:port, e.g. 0.0.0.0:8080 or [::1]:8080)"
+        ) from None
+    return value
+
+
+def _check_upstream_url(value: str) -> str:
+    u = urlsplit(value)
+    if u.scheme.lower() not in ("ws", "wss"):
+        raise ValueError(f"scheme must be ws or wss (got {_show(value)})")
+    if not u.hostname:
+        raise ValueError(f"host is missing (got {_show(value)})")
+    try:
+        u.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError:
+        raise ValueError(f"invalid port (got {_show(value)})") from None
+    if u.path not in ("", "/") or u.query or u.fragment:
+        raise ValueError(
+            f"must not have a path or query (got {_show(value)}): "
+            "the client's path and query are forwarded unchanged"
+        )
+    if u.username is not None:
+        raise ValueError(f"must not contain credentials (got {_show(value)})")
+    return value
+
+
+def _lower(v: object) -> object:
+    return v.lower() if isinstance(v, str) else v
+
+
+def _no_bool(v: object) -> object:
+    if isinstance(v, bool):
+        raise ValueError(f"must be a whole number (got {_show(v)})")
+    return v
+
+
+def _passthrough(v: object) -> object:
+    # YAML 1.1 reads an unquoted `off` as boolean false.
+    return "off" if v is False else v
+
+
+_MODEL = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------- models
+
+
+class ServerTLS(BaseModel):
+    """TLS termination for client connections (ALPN http/1.1)."""
+
+    model_config = _MODEL
+
+    cert_file: ReadableFile
+    key_file: ReadableFile
+
+
+class UpstreamTLS(BaseModel):
+    """How the proxy verifies a wss:// upstream."""
+
+    model_config = _MODEL
+
+    ca_file: ReadableFile | None = None
+    server_name: str | None = None
+    verify: bool = True
+
+
+class Upstream(BaseModel):
+    model_config = _MODEL
+
+    url: Annotated[str, AfterValidator(_check_upstream_url)]
+    connect_timeout: Duration = 5.0
+    tls: UpstreamTLS = UpstreamTLS()
+    gone_close_code: Literal[1011, 1012] = 1011
+
+    @property
+    def _split(self) -> SplitResult:
+        return urlsplit(self.url)
+
+    @property
+    def scheme(self) -> str:
+        """``ws`` or ``wss`` (lower case)."""
+        return self._split.scheme.lower()
+
+    @property
+    def host(self) -> str:
+        """Host name or address, IPv6 without brackets."""
+        return self._split.hostname or ""
+
+    @property
+    def port(self) -> int:
+        """Explicit port, else 443 for wss and 80 for ws."""
+        return self._split.port or (443 if self.secure else 80)
+
+    @property
+    def secure(self) -> bool:
+        return self.scheme == "wss"
+
+
+class KeepaliveSettings(BaseModel):
+    model_config = _MODEL
+
+    ping_interval: Duration = 30.0
+    pong_wait: Duration = 60.0
+    write_wait: Duration = 10.0
+    close_timeout: Duration = 5.0
+    liveness: Annotated[Literal["pong", "any_frame"], BeforeValidator(_lower)] = "pong"
+
+    @model_validator(mode="after")
+    def _ping_before_pong(self) -> KeepaliveSettings:
+        if not self.ping_interval < self.pong_wait:
+            raise _KeyErrors(
+                [
+                    (
+                        ("ping_interval",),
+                        f"must be less than pong_wait ({format_duration(self.pong_wait)})",
+                    )
+                ]
+            )
+        return self
+
+
+class KeepaliveOverride(BaseModel):
+    """Per-route keepalive keys; ``None`` inherits the global value."""
+
+    model_config = _MODEL
+
+    ping_interval: Duration | None = None
+    pong_wait: Duration | None = None
+    write_wait: Duration | None = None
+    close_timeout: Duration | None = None
+    liveness: Annotated[Literal["pong", "any_frame"] | None, BeforeValidator(_lower)] = None
+
+
+class Route(BaseModel):
+    model_config = _MODEL
+
+    path: str
+    keepalive: KeepaliveOverride | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"must start with '/' (got {_show(v)})")
+        if any(c in v for c in "?#") or any(c.isspace() for c in v):
+            raise ValueError(f"must be a plain path without query or spaces (got {_show(v)})")
+        return v
+
+
+class Limits(BaseModel):
+    model_config = _MODEL
+
+    max_connections: Annotated[int, BeforeValidator(_no_bool)] = Field(default=10000, gt=0)
+    max_frame_size: Size = 16 * 1024 * 1024
+    handshake_timeout: Duration = 10.0
+    max_header_bytes: Size = 16384
+
+
+class LogSettings(BaseModel):
+    model_config = _MODEL
+
+    level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = "info"
+    format: Annotated[Literal["json", "text"], BeforeValidator(_lower)] = "json"
+
+
+def _merge(base: KeepaliveSettings, override: KeepaliveOverride | None) -> KeepaliveSettings:
+    if override is None:
+        return base
+    update = {k: v for k, v in override.model_dump().items() if v is not None}
+    return base.model_copy(update=update) if update else base
+
+
+class Config(BaseModel):
+    """The whole proxy configuration; built once at start-up and handed down."""
+
+    model_config = _MODEL
+
+    listen: Annotated[str, AfterValidator(_check_listen)] = "0.0.0.0:8080"
+    tls: ServerTLS | None = None
+    upstream: Upstream
+    routes: list[Route] = Field(min_length=1)
+    keepalive: KeepaliveSettings = KeepaliveSettings()
+    passthrough: Annotated[Literal["tunnel", "off"], BeforeValidator(_passthrough)] = "tunnel"
+    limits: Limits = Limits()
+    log: LogSettings = LogSettings()
+
+    _by_path: dict[str, tuple[Route, KeepaliveSettings]] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_routes(self) -> Config:
+        errors: list[tuple[tuple[str | int, ...], str]] = []
+        first_index: dict[str, int] = {}
+        for i, route in enumerate(self.routes):
+            if route.path in first_index:
+                errors.append(
+                    (
+                        ("routes", i, "path"),
+                        f"duplicate route {_show(route.path)} "
+                        f"(already routes.{first_index[route.path]}.path)",
+                    )
+                )
+                continue
+            first_index[route.path] = i
+            ka = _merge(self.keepalive, route.keepalive)
+            if route.keepalive is not None and not ka.ping_interval < ka.pong_wait:
+                if route.keepalive.ping_interval is not None:
+                    key = "ping_interval"
+                    msg = f"must be less than pong_wait ({format_duration(ka.pong_wait)})"
+                else:
+                    key = "pong_wait"
+                    msg = (
+                        f"must be greater than ping_interval ({format_duration(ka.ping_interval)})"
+                    )
+                errors.append((("routes", i, "keepalive", key), msg))
+            self._by_path[route.path] = (route, ka)
+        if errors:
+            raise _KeyErrors(errors)
+        return self
+
+    @property
+    def listen_host(self) -> str:
+        """Host part of ``listen`` (IPv6 without brackets)."""
+        return _split_host_port(self.listen)[0]
+
+    @property
+    def listen_port(self) -> int:
+        return _split_host_port(self.listen)[1]
+
+    def route_for(self, path: str) -> Route | None:
+        """The route whose path equals ``path`` exactly (no query), else None."""
+        entry = self._by_path.get(path)
+        return entry[0] if entry is not None else None
+
+    def keepalive_for(self, route: Route) -> KeepaliveSettings:
+        """Global keepalive settings with the route's override applied."""
+        entry = self._by_path.get(route.path)
+        if entry is not None and entry[0] is route:
+            return entry[1]
+        return _merge(self.keepalive, route.keepalive)
+
+
+# -------------------------------------------------------------------- error messages
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    kind: str = err["type"]
+    ctx: Mapping[str, Any] = err.get("ctx") or {}
+    value = err.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "missing required key"
+    if kind == "value_error":
+        return str(ctx.get("error", err["msg"]))
+    if kind == "literal_error":
+        return f"must be {ctx['expected']} (got {_show(value)})"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {
+            "greater_than": "greater than",
+            "greater_than_equal": "at least",
+            "less_than": "less than",
+            "less_than_equal": "at most",
+        }[kind]
+        bound = next(iter(ctx.values()))
+        return f"must be {op} {bound} (got {_show(value)})"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"must be a mapping of keys (got {_show(value)})"
+    if kind == "list_type":
+        return f"must be a list (got {_show(value)})"
+    if kind == "too_short":
+        return "must not be empty"
+    if kind.startswith("int_"):
+        return f"must be a whole number (got {_show(value)})"
+    if kind.startswith("bool_"):
+        return f"must be true or false (got {_show(value)})"
+    if kind.startswith("string_"):
+        return f"must be a string (got {_show(value)})"
+    msg: str = err["msg"]
+    if msg.startswith("Input should be "):
+        msg = "must be " + msg.removeprefix("Input should be ")
+    return f"{msg} (got {_show(value)})"
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    """One ``dotted.key.path: message`` line per error of a pydantic ValidationError."""
+    lines: list[str] = []
+    for err in exc.errors():
+        loc: tuple[str | int, ...] = tuple(err["loc"])
+        error = (err.get("ctx") or {}).get("error")
+        if err["type"] == "value_error" and isinstance(error, _KeyErrors):
+            lines.extend(f"{_dotted(loc + sub)}: {msg}" for sub, msg in error.errors)
+        else:
+            lines.append(f"{_dotted(loc)}: {_message(err)}")
+    return lines
+
+
+# ----------------------------------------------------------------------- loading
+
+
+def _apply_overrides(data: dict[str, Any], overrides: Mapping[str, object]) -> None:
+    errors: list[str] = []
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        if not all(parts):
+            errors.append(f"{dotted}: invalid override key (use dotted.key.path)")
+            continue
+        node: Any = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            here = ".".join(parts[: depth + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    errors.append(f"{here}: no such list item (have {len(node)})")
+                    break
+                key: Any = int(part)
+            elif isinstance(node, dict):
+                key = part
+            else:
+                errors.append(f"{dotted}: cannot override inside {_show(node)}")
+                break
+            if last:
+                node[key] = value
+            else:
+                if isinstance(node, dict) and node.get(key) is None:
+                    node[key] = {}
+                node = node[key]
+    if errors:
+        raise ConfigError(errors)
+
+
+def parse_config(
+    data: Mapping[str, object], overrides: Mapping[str, object] | None = None
+) -> Config:
+    """Validate a raw mapping (as read from YAML), after applying dotted-key overrides."""
+    if not isinstance(data, Mapping):
+        raise ConfigError([f"(config): must be a mapping of keys (got {_show(data)})"])
+    raw: dict[str, Any] = copy.deepcopy(dict(data))
+    if overrides:
+        _apply_overrides(raw, overrides)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys instead of keeping the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {_show(key)}", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_config(path: str | Path, overrides: Mapping[str, object] | None = None) -> Config:
+    """Read, override and validate a YAML config file. Raises ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config file: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text: {exc.reason}"]) from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # _StrictLoader is a SafeLoader
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError([f"{where}: YAML syntax error: {problem}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: YAML syntax error: {exc}"]) from None
+    if data is None:
+        raise ConfigError([f"{path}: config file is empty"])
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: must be a mapping of keys (got {_show(data)})"])
+    return parse_config(data, overrides)
+
+
+def effective_yaml(cfg: Config) -> str:
+    """The whole effective configuration as YAML, defaults filled in.
+
+    Durations and sizes are written back as strings (``30s``, ``16MiB``); a route's
+    keepalive override lists only the keys it sets. Loading the output again gives
+    an equal Config.
+    """
+    data = cfg.model_dump(mode="json")
+    for route in data["routes"]:
+        if route["keepalive"] is None:
+            del route["keepalive"]
+        else:
+            route["keepalive"] = {k: v for k, v in route["keepalive"].items() if v is not None}
+    out: str = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return out
