@@ -104,6 +104,7 @@ class Relay(asyncio.Protocol):
         "_pending_ping",
         "_timer",
         "_upstream_close_sent",
+        "_upstream_eof",
         "_upstream_lost",
         "_upstream_wdl",
         "bytes_in",
@@ -162,6 +163,7 @@ class Relay(asyncio.Protocol):
         self._upstream_close_sent = False  # we (not the client) sent Close to the upstream
         self._client_lost = False
         self._upstream_lost = False
+        self._upstream_eof = False
         self.bytes_in = 0  # client -> upstream, counted in TUNNEL/RELAY
         self.bytes_out = 0
         self.status: int | None = None
@@ -196,9 +198,15 @@ class Relay(asyncio.Protocol):
             self._held += data
 
     def eof_received(self) -> bool | None:
-        # An HTTP client may half-close after its request; keep the response path.
+        # An HTTP client may half-close after its request; keep the response path
+        # open until the upstream has finished too.
         up = self.upstream
-        if self.state is State.TUNNEL and up is not None and up.can_write_eof():
+        if (
+            self.state is State.TUNNEL
+            and up is not None
+            and not self._upstream_eof
+            and up.can_write_eof()
+        ):
             up.write_eof()
             return True
         return None
@@ -644,9 +652,10 @@ class Relay(asyncio.Protocol):
     # ------------------------------------------------------------------ upstream side
 
     def upstream_eof(self) -> bool | None:
-        if self.state is State.TUNNEL and self.client is not None and self.client.can_write_eof():
-            self.client.write_eof()
-            return True
+        # No half-close from the upstream's side: once it has finished sending, the
+        # client connection is closed after the buffered bytes drain (what nginx does);
+        # a client that never closes would otherwise hold the pair forever.
+        self._upstream_eof = True
         return None
 
     def upstream_lost(self, exc: Exception | None) -> None:
