@@ -28,7 +28,7 @@ import os
 import random
 import ssl
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from wsproxy import frames, http
 from wsproxy.frames import ControlFrame, FrameScanner
@@ -64,8 +64,8 @@ class _UpstreamProtocol(asyncio.Protocol):
         self.relay = relay
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.relay.upstream_made(transport)
+        # cast, not isinstance: uvloop's transports do not subclass asyncio.Transport.
+        self.relay.upstream_made(cast(asyncio.Transport, transport))
 
     def data_received(self, data: bytes) -> None:
         self.relay.upstream_data(data)
@@ -172,8 +172,7 @@ class Relay(asyncio.Protocol):
     # ------------------------------------------------------------------ client side
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.client = transport
+        self.client = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
         self.proxy.connection_opened(self)
