@@ -52,6 +52,7 @@ class State(enum.Enum):
     RESPONSE = "response"
     RELAY = "relay"
     TUNNEL = "tunnel"
+    EVENTS = "events"  # handed to wsproxy.events: the transport has a new protocol
     CLOSED = "closed"
 
 
@@ -266,6 +267,20 @@ class Relay(asyncio.Protocol):
             self._reject(503, "too many connections")
             return
         upgrade = req.is_websocket_upgrade
+        if route is not None and route.mode == "events":
+            # wsproxy is the endpoint here: no upstream connection at all.
+            if not upgrade:
+                self._reject(426, "WebSocket upgrade required", [("Upgrade", "websocket")])
+                return
+            self._stop_handshake_timer()
+            self.route = route
+            self.state = State.EVENTS
+            hub = self.proxy.events
+            assert hub is not None  # created at start when a route has mode: events
+            held = bytes(self._held)
+            self._held.clear()
+            hub.accept(self, req, held)
+            return
         if self.config.passthrough == "off":
             if route is None:
                 self._reject(404, "no such route")

@@ -63,6 +63,8 @@ class Proxy:
         if self.upstream_ssl is not None:
             self.upstream_server_name = config.upstream.tls.server_name or config.upstream.host
         self._client_ssl = client_ssl_context(config)
+        # Set by start() when a route has mode: events (wsproxy.events.EventsHub).
+        self.events: Any = None
         self._server: asyncio.Server | None = None
         self._idle = asyncio.Event()
         self._idle.set()
