@@ -42,6 +42,8 @@ TEST_DEFAULTS: dict[str, Any] = {
     },
     "limits": {"handshake_timeout": 5000 * MS},
     "log": {"level": "debug"},
+    # Every proxy gets its own ephemeral admin port: tests may run several at once.
+    "admin": {"listen": "127.0.0.1:0"},
 }
 
 

@@ -99,7 +99,7 @@ def run(
     from wsproxy.server import serve
 
     try:
-        code = run_async(serve(cfg))
+        code = run_async(serve(cfg, config_path=config, overrides=overrides))
     except OSError as e:
         # Typically the listen address is taken: one line, not a traceback.
         _fail([f"listen: cannot listen on {cfg.listen}: {e.strerror or e}"])

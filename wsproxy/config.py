@@ -101,6 +101,14 @@ def parse_duration(v: object) -> float:
     Raises ValueError for anything else, for negative and for non-finite values.
     Zero is accepted here; the ``Duration`` field type rejects it.
     """
+    seconds = _duration_seconds(v)
+    if seconds < 0:
+        raise ValueError(f"must be positive (got {_show(v)})")
+    return seconds
+
+
+def _duration_seconds(v: object) -> float:
+    """Like :func:`parse_duration`, but a negative plain number is returned as is."""
     if isinstance(v, bool):
         raise ValueError(f"invalid duration {_show(v)} ({_DURATION_HINT})")
     if isinstance(v, int | float):
@@ -115,8 +123,6 @@ def parse_duration(v: object) -> float:
         raise ValueError(f"invalid duration {_show(v)} ({_DURATION_HINT})")
     if not math.isfinite(seconds):
         raise ValueError(f"invalid duration {_show(v)} (must be finite)")
-    if seconds < 0:
-        raise ValueError(f"must be positive (got {_show(v)})")
     return seconds
 
 
@@ -199,6 +205,21 @@ Duration = Annotated[
     PlainSerializer(format_duration, return_type=str, when_used="json"),
 ]
 """Seconds as float; YAML accepts ``30s``, ``250ms``, ``2m``, ``1h`` or a number."""
+
+
+def _nonneg_duration(v: object) -> float:
+    seconds = _duration_seconds(v)
+    if seconds < 0:
+        raise ValueError(f"must not be negative (got {_show(v)})")
+    return seconds
+
+
+NonNegDuration = Annotated[
+    float,
+    BeforeValidator(_nonneg_duration),
+    PlainSerializer(format_duration, return_type=str, when_used="json"),
+]
+"""A duration that may be zero (``0s`` = at once)."""
 
 Size = Annotated[
     int,
@@ -330,6 +351,7 @@ class Upstream(BaseModel):
     connect_timeout: Duration = 5.0
     tls: UpstreamTLS = UpstreamTLS()
     gone_close_code: Literal[1011, 1012] = 1011
+    keepalive: UpstreamKeepalive | None = None
 
     @property
     def _split(self) -> SplitResult:
@@ -363,6 +385,8 @@ class KeepaliveSettings(BaseModel):
     write_wait: Duration = 10.0
     close_timeout: Duration = 5.0
     liveness: Annotated[Literal["pong", "any_frame"], BeforeValidator(_lower)] = "pong"
+    max_lifetime: Duration | None = None
+    max_lifetime_jitter: NonNegDuration = 0.0
 
     @model_validator(mode="after")
     def _ping_before_pong(self) -> KeepaliveSettings:
@@ -388,12 +412,15 @@ class KeepaliveOverride(BaseModel):
     write_wait: Duration | None = None
     close_timeout: Duration | None = None
     liveness: Annotated[Literal["pong", "any_frame"] | None, BeforeValidator(_lower)] = None
+    max_lifetime: Duration | None = None
+    max_lifetime_jitter: NonNegDuration | None = None
 
 
 class Route(BaseModel):
     model_config = _MODEL
 
     path: str
+    mode: Annotated[Literal["relay", "events"], BeforeValidator(_lower)] = "relay"
     keepalive: KeepaliveOverride | None = None
 
     @field_validator("path")
@@ -413,6 +440,9 @@ class Limits(BaseModel):
     max_frame_size: Size = 16 * 1024 * 1024
     handshake_timeout: Duration = 10.0
     max_header_bytes: Size = 16384
+    max_connections_per_ip: Annotated[int | None, BeforeValidator(_no_bool)] = Field(
+        default=None, gt=0
+    )
 
 
 class LogSettings(BaseModel):
@@ -420,6 +450,136 @@ class LogSettings(BaseModel):
 
     level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = "info"
     format: Annotated[Literal["json", "text"], BeforeValidator(_lower)] = "json"
+
+
+class UpstreamKeepalive(BaseModel):
+    """Pings from the proxy to the upstream (off unless configured): finds an upstream
+    that vanished without a FIN, which a loopback sidecar rarely needs."""
+
+    model_config = _MODEL
+
+    ping_interval: Duration = 30.0
+    pong_wait: Duration = 60.0
+
+    @model_validator(mode="after")
+    def _ping_before_pong(self) -> UpstreamKeepalive:
+        if not self.ping_interval < self.pong_wait:
+            raise _KeyErrors(
+                [
+                    (
+                        ("ping_interval",),
+                        f"must be less than pong_wait ({format_duration(self.pong_wait)})",
+                    )
+                ]
+            )
+        return self
+
+
+class AdminSettings(BaseModel):
+    """The admin listener: /metrics, /healthz, /readyz, /connections."""
+
+    model_config = _MODEL
+
+    enabled: bool = True
+    listen: Annotated[str, AfterValidator(_check_listen)] = "127.0.0.1:9100"
+
+    @property
+    def host(self) -> str:
+        return _split_host_port(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return _split_host_port(self.listen)[1]
+
+
+class ShutdownSettings(BaseModel):
+    """The drain sequence on SIGTERM/SIGINT."""
+
+    model_config = _MODEL
+
+    drain_delay: NonNegDuration = 5.0
+    close_spread: NonNegDuration = 10.0
+    grace_period: Duration = 20.0
+
+    @model_validator(mode="after")
+    def _spread_within_grace(self) -> ShutdownSettings:
+        if not self.close_spread < self.grace_period:
+            raise _KeyErrors(
+                [
+                    (
+                        ("close_spread",),
+                        f"must be less than grace_period ({format_duration(self.grace_period)})",
+                    )
+                ]
+            )
+        return self
+
+
+def _check_zmq_endpoint(value: str) -> str:
+    if not (value.startswith("tcp://") or value.startswith("ipc://")) or len(value) < 7:
+        raise ValueError(f"must be a tcp:// or ipc:// address (got {_show(value)})")
+    return value
+
+
+class ZmqSettings(BaseModel):
+    model_config = _MODEL
+
+    endpoints: list[Annotated[str, AfterValidator(_check_zmq_endpoint)]] = Field(min_length=1)
+    bind: bool = False
+
+
+class JwtSettings(BaseModel):
+    model_config = _MODEL
+
+    secret_env: str | None = None
+    secret_file: ReadableFile | None = None
+    algorithms: list[str] = Field(default_factory=lambda: ["HS256"], min_length=1)
+    audience: str | None = None
+    issuer: str | None = None
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> JwtSettings:
+        if (self.secret_env is None) == (self.secret_file is None):
+            raise _KeyErrors([(("secret_env",), "set exactly one of secret_env or secret_file")])
+        return self
+
+
+class EventsAuth(BaseModel):
+    model_config = _MODEL
+
+    jwt: JwtSettings
+    allow_topics: list[str] = Field(min_length=1)
+
+
+_AUTH_HINT = "must be 'none' or a mapping with jwt and allow_topics"
+
+
+def _events_auth(v: object) -> object:
+    """``none`` (any case) or a mapping validated as :class:`EventsAuth`.
+
+    Validating the mapping here, instead of leaving it to the union, keeps the error
+    lines at ``events.auth.<key>`` and avoids one line per union member.
+    """
+    if isinstance(v, EventsAuth):
+        return v
+    if isinstance(v, str) and v.lower() == "none":
+        return "none"
+    if not isinstance(v, Mapping):
+        raise ValueError(f"{_AUTH_HINT} (got {_show(v)})")
+    try:
+        return EventsAuth.model_validate(v)
+    except ValidationError as exc:
+        raise _KeyErrors(_error_items(exc)) from None
+
+
+class EventsSettings(BaseModel):
+    model_config = _MODEL
+
+    auth: Annotated[Literal["none"] | EventsAuth, BeforeValidator(_events_auth)]
+    queue_size: Annotated[int, BeforeValidator(_no_bool)] = Field(default=1000, gt=0)
+    queue_bytes: Size = 8 * 1024 * 1024
+    overflow: Annotated[Literal["close", "drop_oldest"], BeforeValidator(_lower)] = "close"
+    max_topics_per_connection: Annotated[int, BeforeValidator(_no_bool)] = Field(default=64, gt=0)
 
 
 def _merge(base: KeepaliveSettings, override: KeepaliveOverride | None) -> KeepaliveSettings:
@@ -442,6 +602,10 @@ class Config(BaseModel):
     passthrough: Annotated[Literal["tunnel", "off"], BeforeValidator(_passthrough)] = "tunnel"
     limits: Limits = Limits()
     log: LogSettings = LogSettings()
+    admin: AdminSettings = AdminSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
+    zmq: ZmqSettings | None = None
+    events: EventsSettings | None = None
 
     _by_path: dict[str, tuple[Route, KeepaliveSettings]] = PrivateAttr(default_factory=dict)
 
@@ -472,6 +636,15 @@ class Config(BaseModel):
                     )
                 errors.append((("routes", i, "keepalive", key), msg))
             self._by_path[route.path] = (route, ka)
+        events_routes = [i for i, r in enumerate(self.routes) if r.mode == "events"]
+        if events_routes:
+            where = f"routes.{events_routes[0]}"
+            if self.zmq is None:
+                errors.append((("zmq",), f"required when a route has mode: events ({where})"))
+            if self.events is None:
+                errors.append(
+                    (("events", "auth"), f"required when a route has mode: events ({where})")
+                )
         if errors:
             raise _KeyErrors(errors)
         return self
@@ -540,17 +713,22 @@ def _message(err: Mapping[str, Any]) -> str:
     return f"{msg} (got {_show(value)})"
 
 
-def format_validation_error(exc: ValidationError) -> list[str]:
-    """One ``dotted.key.path: message`` line per error of a pydantic ValidationError."""
-    lines: list[str] = []
+def _error_items(exc: ValidationError) -> list[tuple[tuple[str | int, ...], str]]:
+    """(key path, message) per error of a pydantic ValidationError."""
+    items: list[tuple[tuple[str | int, ...], str]] = []
     for err in exc.errors():
         loc: tuple[str | int, ...] = tuple(err["loc"])
         error = (err.get("ctx") or {}).get("error")
         if err["type"] == "value_error" and isinstance(error, _KeyErrors):
-            lines.extend(f"{_dotted(loc + sub)}: {msg}" for sub, msg in error.errors)
+            items.extend((loc + sub, msg) for sub, msg in error.errors)
         else:
-            lines.append(f"{_dotted(loc)}: {_message(err)}")
-    return lines
+            items.append((loc, _message(err)))
+    return items
+
+
+def format_validation_error(exc: ValidationError) -> list[str]:
+    """One ``dotted.key.path: message`` line per error of a pydantic ValidationError."""
+    return [f"{_dotted(loc)}: {msg}" for loc, msg in _error_items(exc)]
 
 
 # ----------------------------------------------------------------------- loading

@@ -105,7 +105,6 @@ class FrameScanner:
 
     __slots__ = (
         "_held",
-        "_max",
         "_need",
         "_plen",
         "_remaining",
@@ -113,11 +112,13 @@ class FrameScanner:
         "error",
         "frames",
         "masked",
+        "max_frame_size",
     )
 
     def __init__(self, *, masked: bool, max_frame_size: int | None = None) -> None:
         self.masked = bool(masked)
-        self._max = max_frame_size
+        #: Frames with a longer payload are refused with 1009; may change (reload).
+        self.max_frame_size = max_frame_size
         #: The protocol violation that stopped the scanner, if any.
         self.error: FrameError | None = None
         #: Number of complete frames seen.
@@ -332,7 +333,7 @@ class FrameScanner:
                 plen = int.from_bytes(buf[i + 2 : i + 10], "big")
                 if plen >> 63:
                     raise FrameError(1002, "invalid frame length")
-        limit = self._max
+        limit = self.max_frame_size
         if limit is not None and plen > limit:
             raise FrameError(1009, f"frame of {plen} bytes exceeds limit of {limit} bytes")
         if self.masked:

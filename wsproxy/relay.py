@@ -102,18 +102,22 @@ class Relay(asyncio.Protocol):
         "_handshake_timer",
         "_head",
         "_held",
+        "_life_timer",
         "_pending_ping",
+        "_pending_uping",
         "_timer",
         "_upstream_close_sent",
         "_upstream_eof",
         "_upstream_lost",
         "_upstream_wdl",
+        "_utimer",
         "bytes_in",
         "bytes_out",
         "client",
         "client_code",
         "closed_by",
         "config",
+        "counted",
         "cscan",
         "id",
         "ka",
@@ -126,6 +130,7 @@ class Relay(asyncio.Protocol):
         "started",
         "state",
         "status",
+        "uka",
         "upstream",
         "upstream_code",
         "uscan",
@@ -165,6 +170,12 @@ class Relay(asyncio.Protocol):
         self._client_lost = False
         self._upstream_lost = False
         self._upstream_eof = False
+        self.counted = False  # past the handshake: shows in the active gauge and /connections
+        self._life_timer: asyncio.TimerHandle | None = None
+        # Optional pings toward the upstream (upstream.keepalive).
+        self.uka: KeepAlive | None = None
+        self._utimer: asyncio.TimerHandle | None = None
+        self._pending_uping: bytes | None = None
         self.bytes_in = 0  # client -> upstream, counted in TUNNEL/RELAY
         self.bytes_out = 0
         self.status: int | None = None
@@ -260,7 +271,7 @@ class Relay(asyncio.Protocol):
         self._head.clear()
         self.path = req.path
         route = self.config.route_for(req.path)
-        if self.proxy.draining:
+        if self.proxy.closing:
             self._reject(503, "shutting down")
             return
         if self.proxy.active > self.config.limits.max_connections:
@@ -418,6 +429,18 @@ class Relay(asyncio.Protocol):
             first_ping_delay=first_ping_delay(settings.ping_interval, _rng),
         )
         self._timer = self.loop.call_at(self.ka.next_wakeup(), self._on_timer)
+        if settings.max_lifetime is not None:
+            life = settings.max_lifetime + _rng.uniform(0.0, settings.max_lifetime_jitter)
+            self._life_timer = self.loop.call_at(now + life, self._lifetime_over)
+        uk = self.config.upstream.keepalive
+        if uk is not None:
+            self.uka = KeepAlive(
+                ping_interval=uk.ping_interval,
+                pong_wait=uk.pong_wait,
+                now=now,
+                first_ping_delay=first_ping_delay(uk.ping_interval, _rng),
+            )
+            self._utimer = self.loop.call_at(self.uka.next_wakeup(), self._on_utimer)
         self.proxy.connection_accepted(self, tunnel=False)
         if rest:
             self._upstream_frames(rest)
@@ -438,7 +461,7 @@ class Relay(asyncio.Protocol):
         scan = self.cscan
         up = self.upstream
         assert scan is not None and up is not None
-        items = scan.feed(data)
+        items = scan.feed(data, mark_boundary=self._pending_uping is not None)
         if self.settings is not None and self.settings.liveness == "any_frame":
             assert self.ka is not None
             self.ka.on_data(self.loop.time())
@@ -450,6 +473,10 @@ class Relay(asyncio.Protocol):
                 discard = (
                     self.client_code is not None or self._upstream_close_sent or self._upstream_lost
                 )
+            elif type(item) is frames.Boundary:
+                if self._pending_uping is not None and not discard:
+                    up.write(self._pending_uping)
+                self._pending_uping = None
             elif not discard:
                 up.write(item)  # type: ignore[arg-type]
         if scan.error is not None and not discard:
@@ -457,7 +484,6 @@ class Relay(asyncio.Protocol):
             self.closed_by = "proxy:protocol_error"
             self._close_client(err.code, err.reason)
             self._close_upstream(1001, "client protocol error")
-        self.bytes_in = scan.bytes
 
     def _client_control(self, f: ControlFrame, up: asyncio.Transport, discard: bool) -> None:
         op = f.opcode
@@ -509,7 +535,11 @@ class Relay(asyncio.Protocol):
             t = type(item)
             if t is ControlFrame:
                 assert isinstance(item, ControlFrame)
-                if item.opcode == frames.OP_CLOSE:
+                if item.opcode == frames.OP_PONG and self.uka is not None:
+                    self.uka.on_pong(item.payload, self.loop.time())
+                    if is_own_pong(item.payload):
+                        continue  # the answer to our own ping: not the client's business
+                elif item.opcode == frames.OP_CLOSE:
                     if self.upstream_code is None:
                         self.upstream_code = _close_code(item.payload)
                         self.closed_by = self.closed_by or "upstream"
@@ -531,7 +561,6 @@ class Relay(asyncio.Protocol):
             self.closed_by = "proxy:upstream_protocol_error"
             self._close_upstream(1002, scan.error.reason)
             self._close_client(1011, "upstream protocol error")
-        self.bytes_out = scan.bytes
 
     # ------------------------------------------------------------------ keep-alive
 
@@ -541,6 +570,8 @@ class Relay(asyncio.Protocol):
         if ka is None or self.state is not State.RELAY or self._closing():
             return
         now = self.loop.time()
+        if self.proxy.config is not self.config:
+            self._reconfigure(now)
         action = ka.poll(now)
         if action is TIMEOUT:
             self.closed_by = "proxy:keepalive_timeout"
@@ -560,6 +591,53 @@ class Relay(asyncio.Protocol):
             if ka_log.isEnabledFor(logging.DEBUG):
                 ka_log.debug("ping", extra={FIELDS: {"id": self.id, "seq": ka.pings_sent}})
         self._timer = self.loop.call_at(ka.next_wakeup(), self._on_timer)
+
+    def reconfigure(self) -> None:
+        """Apply a reloaded config now (SIGHUP): new cadence, deadlines and limits."""
+        if self.state is not State.RELAY or self.ka is None or self._closing():
+            return
+        self._reconfigure(self.loop.time())
+        self._cancel(self._timer)
+        self._timer = self.loop.call_at(self.ka.next_wakeup(), self._on_timer)
+
+    def _reconfigure(self, now: float) -> None:
+        """Take the proxy's current config; also checked at every timer."""
+        assert self.ka is not None and self.route is not None
+        self.config = config = self.proxy.config
+        route = config.route_for(self.route.path)
+        if route is None or route.mode != "relay":
+            return  # the route is gone: the connection keeps the settings it had
+        self.settings = settings = config.keepalive_for(route)
+        self.ka.reconfigure(settings.ping_interval, settings.pong_wait, now)
+        if self.cscan is not None:
+            self.cscan.max_frame_size = config.limits.max_frame_size
+
+    def _on_utimer(self) -> None:
+        uka = self.uka
+        self._utimer = None
+        if uka is None or self.state is not State.RELAY or self._closing():
+            return
+        action = uka.poll(self.loop.time())
+        if action is TIMEOUT:
+            self.closed_by = "proxy:upstream_keepalive_timeout"
+            self.proxy.upstream_error(self, "keepalive_timeout")
+            if self.upstream is not None:
+                self.upstream.abort()
+            return  # upstream_lost sends the client its Close
+        if isinstance(action, bytes):
+            ping = frames.build_frame(frames.OP_PING, action, mask=os.urandom(4))
+            assert self.cscan is not None and self.upstream is not None
+            if self.cscan.at_boundary:
+                self.upstream.write(ping)
+            else:
+                self._pending_uping = ping
+        self._utimer = self.loop.call_at(uka.next_wakeup(), self._on_utimer)
+
+    def _lifetime_over(self) -> None:
+        self._life_timer = None
+        if self.state is State.RELAY and not self._closing():
+            self.closed_by = "proxy:max_lifetime"
+            self.shutdown(1001, "going away")
 
     def _closing(self) -> bool:
         return (
@@ -646,11 +724,8 @@ class Relay(asyncio.Protocol):
             self._close_upstream(code, reason)
         elif self.state in (State.HEAD, State.CONNECTING, State.RESPONSE):
             self._reject(503, "shutting down")
-        else:
-            if self.client is not None:
-                self.client.close()
-            if self.upstream is not None:
-                self.upstream.close()
+        # A TUNNEL is left alone: an HTTP exchange in flight should finish; whatever
+        # is still open when the grace period ends is aborted.
 
     def _client_write_timeout(self) -> None:
         self._client_wdl = None
@@ -744,17 +819,50 @@ class Relay(asyncio.Protocol):
             self._upstream_wdl,
             self._close_timer,
             self._handshake_timer,
+            self._life_timer,
+            self._utimer,
         ):
             self._cancel(h)
         self._timer = self._client_wdl = self._upstream_wdl = self._close_timer = None
+        self._life_timer = self._utimer = None
         self._handshake_timer = None
         self._head.clear()
         self._held.clear()
         self.proxy.connection_closed(self)
 
-    def info(self) -> dict[str, Any]:
-        """Fields for the close log line and the admin view; never credentials."""
+    def traffic(self) -> tuple[int, int, int, int]:
+        """Bytes in, bytes out, frames in, frames out (in: from the client)."""
+        cs, us = self.cscan, self.uscan
+        if cs is not None and us is not None:
+            return cs.bytes, us.bytes, cs.frames, us.frames
+        return self.bytes_in, self.bytes_out, 0, 0
+
+    def snapshot(self) -> dict[str, Any]:
+        """One row of the admin /connections view; never credentials."""
+        now = self.loop.time()
         ka = self.ka
+        b_in, b_out, f_in, f_out = self.traffic()
+        last_pong = ka.last_pong_at if ka is not None else None
+        cl = self.client
+        return {
+            "id": self.id,
+            "route": self.route.path if self.route else None,
+            "peer": self.peer,
+            "state": self.state.value,
+            "age_s": round(_now() - self.started, 3),
+            "since_last_pong_s": round(now - last_pong, 3) if last_pong is not None else None,
+            "last_rtt_ms": round(ka.last_rtt * 1000, 3) if ka and ka.last_rtt is not None else None,
+            "bytes_in": b_in,
+            "bytes_out": b_out,
+            "frames_in": f_in,
+            "frames_out": f_out,
+            "queued_to_client": cl.get_write_buffer_size() if cl is not None else 0,
+        }
+
+    def info(self) -> dict[str, Any]:
+        """Fields for the close log line; never credentials."""
+        ka = self.ka
+        b_in, b_out, f_in, f_out = self.traffic()
         return {
             "id": self.id,
             "route": self.route.path if self.route else None,
@@ -765,10 +873,10 @@ class Relay(asyncio.Protocol):
             "client_code": self.client_code,
             "upstream_code": self.upstream_code,
             "closed_by": self.closed_by,
-            "bytes_in": self.bytes_in,
-            "bytes_out": self.bytes_out,
-            "frames_in": self.cscan.frames if self.cscan else 0,
-            "frames_out": self.uscan.frames if self.uscan else 0,
+            "bytes_in": b_in,
+            "bytes_out": b_out,
+            "frames_in": f_in,
+            "frames_out": f_out,
             "pings": ka.pings_sent if ka else 0,
             "pongs": ka.pongs_received if ka else 0,
             "rtt_ms": round(ka.last_rtt * 1000, 3) if ka and ka.last_rtt is not None else None,

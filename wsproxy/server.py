@@ -15,11 +15,14 @@ import os
 import signal
 import ssl
 import time
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from wsproxy.config import Config
-from wsproxy.logs import FIELDS
+from wsproxy.admin import AdminServer
+from wsproxy.config import Config, ConfigError, load_config
+from wsproxy.logs import FIELDS, setup_logging
+from wsproxy.metrics import PASSTHROUGH, Metrics, route_label
 from wsproxy.relay import Relay
 
 log = logging.getLogger("wsproxy")
@@ -57,7 +60,9 @@ class Proxy:
         self.config = config
         self.relays: set[Relay] = set()  # open keep-alive relays
         self.connections: set[Relay] = set()  # every open client connection
-        self.draining = False
+        self.draining = False  # /readyz fails from here on
+        self.closing = False  # the listener is closed; handshakes get 503
+        self.admin: AdminServer | None = None
         self.upstream_ssl = upstream_ssl_context(config)
         self.upstream_server_name: str | None = None
         if self.upstream_ssl is not None:
@@ -70,6 +75,7 @@ class Proxy:
         self._idle.set()
         self.host = config.listen_host
         self.port = config.listen_port
+        self.metrics = Metrics(self)
         # Plain counters; the Prometheus exporter reads these.
         self.stats: dict[str, int] = {
             "accepted": 0,
@@ -81,6 +87,10 @@ class Proxy:
             "keepalive_timeouts": 0,
             "write_timeouts": 0,
         }
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None and not self.closing
 
     @property
     def active(self) -> int:
@@ -113,20 +123,45 @@ class Proxy:
                 }
             },
         )
+        self.log_routes()
+        if self.config.admin.enabled:
+            self.admin = AdminServer(self)
+            await self.admin.start()
 
-    async def close(self, grace: float | None = None) -> None:
-        """Stop accepting, close every connection with 1001, wait up to ``grace``."""
+    async def close(self, grace: float | None = None, spread: float = 0.0) -> None:
+        """Stop accepting and close every connection with 1001 "going away".
+
+        Handshakes in flight get 503. Relays are closed one by one, evenly over
+        ``spread`` seconds, so their clients do not all reconnect in the same instant.
+        Closing handshakes are awaited up to ``grace`` seconds from the start (default
+        ``keepalive.close_timeout``); whatever is left then is aborted. Afterwards no
+        socket or task of the proxy remains.
+        """
         self.draining = True
+        self.closing = True
+        loop = asyncio.get_running_loop()
         if self._server is not None:
             self._server.close()
-        for conn in list(self.connections):
-            conn.shutdown(1001, "going away")
         if grace is None:
             grace = self.config.keepalive.close_timeout
+        relays = sorted(self.relays, key=lambda c: c.id)
+        for conn in list(self.connections):
+            if conn not in self.relays:
+                conn.shutdown(1001, "going away")
+        handles: list[asyncio.TimerHandle] = []
+        n = len(relays)
+        for i, conn in enumerate(relays):
+            delay = spread * i / n if n and spread > 0 else 0.0
+            if delay == 0.0:
+                conn.shutdown(1001, "going away")
+            else:
+                handles.append(loop.call_later(delay, conn.shutdown, 1001, "going away"))
         if self.connections:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
                     await self._idle.wait()
+        for h in handles:
+            h.cancel()
         for conn in list(self.connections):
             conn.abort()
         # Aborted transports call connection_lost on the next loop iterations.
@@ -139,6 +174,76 @@ class Proxy:
                 async with asyncio.timeout(1.0):
                     await self._server.wait_closed()
             self._server = None
+        if self.events is not None:
+            await self.events.close()
+            self.events = None
+        if self.admin is not None:
+            await self.admin.close()
+            self.admin = None
+
+    async def drain(self) -> None:
+        """The SIGTERM sequence: not ready at once, stop accepting after
+        ``shutdown.drain_delay``, then close everything spread over
+        ``shutdown.close_spread`` and bounded by ``shutdown.grace_period``."""
+        sd = self.config.shutdown
+        self.draining = True
+        log.info(
+            "draining",
+            extra={
+                FIELDS: {
+                    "connections": len(self.relays),
+                    "drain_delay_s": sd.drain_delay,
+                    "close_spread_s": sd.close_spread,
+                    "grace_period_s": sd.grace_period,
+                }
+            },
+        )
+        if sd.drain_delay > 0:
+            # Load balancers still send new clients until they see /readyz fail.
+            await asyncio.sleep(sd.drain_delay)
+        await self.close(grace=sd.grace_period, spread=sd.close_spread)
+
+    def reload(self, new: Config) -> list[str]:
+        """Apply a re-read configuration; returns the keys that need a restart.
+
+        New connections use ``new`` at once; open relays pick up their keep-alive
+        settings at their next timer (see ``Relay._reconfigure``).
+        """
+        old = self.config
+        ignored = [
+            key
+            for key in ("listen", "tls", "admin", "zmq", "events")
+            if getattr(new, key) != getattr(old, key)
+        ]
+        if new.upstream != old.upstream:
+            self.upstream_ssl = upstream_ssl_context(new)
+            self.upstream_server_name = (
+                (new.upstream.tls.server_name or new.upstream.host) if self.upstream_ssl else None
+            )
+        self.config = new
+        for conn in list(self.relays):
+            conn.reconfigure()
+        self.log_routes()
+        return ignored
+
+    def log_routes(self) -> None:
+        for route in self.config.routes:
+            ka = self.config.keepalive_for(route)
+            log.info(
+                "route",
+                extra={
+                    FIELDS: {
+                        "route": route.path,
+                        "mode": route.mode,
+                        "ping_interval_s": ka.ping_interval,
+                        "pong_wait_s": ka.pong_wait,
+                        "write_wait_s": ka.write_wait,
+                        "close_timeout_s": ka.close_timeout,
+                        "liveness": ka.liveness,
+                        "max_lifetime_s": ka.max_lifetime,
+                    }
+                },
+            )
 
     async def __aenter__(self) -> Proxy:
         await self.start()
@@ -159,25 +264,27 @@ class Proxy:
         self._idle.clear()
 
     def connection_accepted(self, conn: Relay, *, tunnel: bool) -> None:
+        conn.counted = True
+        label = route_label(conn)
         if tunnel:
-            self.stats["tunnelled"] += 1
+            if conn.route is not None and conn.status is not None:
+                # An upgrade the upstream answered with something else (a 401, say):
+                # the answer goes through as a tunnel.
+                self.stats["refused"] += 1
+                self.metrics.connections.labels(label, f"refused_{conn.status}").inc()
+                log.info(
+                    "refused",
+                    extra={FIELDS: {"event": "refused", "by": "upstream", **_brief(conn)}},
+                )
+            else:
+                self.stats["tunnelled"] += 1
+                self.metrics.connections.labels(label, "accepted").inc()
             return
         self.stats["accepted"] += 1
+        self.metrics.connections.labels(label, "accepted").inc()
         self.relays.add(conn)
         if log.isEnabledFor(logging.INFO):
-            info = conn.info()
-            log.info(
-                "open",
-                extra={
-                    FIELDS: {
-                        "event": "open",
-                        "id": info["id"],
-                        "route": info["route"],
-                        "peer": info["peer"],
-                        "path": info["path"],
-                    }
-                },
-            )
+            log.info("open", extra={FIELDS: {"event": "open", **_brief(conn)}})
 
     def connection_closed(self, conn: Relay) -> None:
         self.connections.discard(conn)
@@ -185,27 +292,28 @@ class Proxy:
         self.relays.discard(conn)
         if not self.connections:
             self._idle.set()
+        if conn.counted:
+            self.metrics.closed(conn, time.monotonic() - conn.started)
         if was_relay and log.isEnabledFor(logging.INFO):
             fields: dict[str, Any] = {"event": "close", **conn.info()}
             log.info("close", extra={FIELDS: fields})
 
     def handshake_refused(self, conn: Relay, status: int) -> None:
         self.stats["refused"] += 1
+        label = conn.route.path if conn.route is not None else PASSTHROUGH
+        failed = conn.closed_by == "upstream_error"
+        outcome = "upstream_error" if failed else f"refused_{status}"
+        self.metrics.connections.labels(label, outcome).inc()
         log.info(
             "refused",
-            extra={
-                FIELDS: {
-                    "event": "refused",
-                    "id": conn.id,
-                    "peer": conn.peer,
-                    "path": conn.path,
-                    "status": status,
-                }
-            },
+            extra={FIELDS: {"event": "refused", "by": "proxy", **_brief(conn), "status": status}},
         )
 
     def upstream_error(self, conn: Relay, reason: str) -> None:
         self.stats["upstream_errors"] += 1
+        self.metrics.connect_errors.labels(reason).inc()
+        if not conn.counted:
+            conn.closed_by = "upstream_error"
         log.warning(
             "upstream error",
             extra={FIELDS: {"event": "upstream_error", "id": conn.id, "reason": reason}},
@@ -213,19 +321,43 @@ class Proxy:
 
     def ping_sent(self, conn: Relay) -> None:
         self.stats["pings_sent"] += 1
+        self.metrics.ping_sent(route_label(conn))
 
     def pong_received(self, conn: Relay, rtt: float) -> None:
         self.stats["pongs_received"] += 1
+        self.metrics.pong_received(route_label(conn), rtt)
 
     def keepalive_timeout(self, conn: Relay) -> None:
         self.stats["keepalive_timeouts"] += 1
+        self.metrics.keepalive_timeouts.labels(route_label(conn)).inc()
 
     def write_timeout(self, conn: Relay, side: str) -> None:
         self.stats["write_timeouts"] += 1
+        self.metrics.write_timeouts.labels(route_label(conn), side).inc()
 
 
-async def serve(config: Config, *, ready: asyncio.Event | None = None) -> int:
-    """Run until SIGTERM or SIGINT, then drain. Returns the process exit code."""
+def _brief(conn: Relay) -> dict[str, Any]:
+    return {
+        "id": conn.id,
+        "route": conn.route.path if conn.route else None,
+        "peer": conn.peer,
+        "path": conn.path,
+        "status": conn.status,
+    }
+
+
+async def serve(
+    config: Config,
+    *,
+    config_path: str | Path | None = None,
+    overrides: dict[str, object] | None = None,
+    ready: asyncio.Event | None = None,
+) -> int:
+    """Run until SIGTERM or SIGINT, then drain. Returns the process exit code.
+
+    SIGHUP re-reads ``config_path`` (with the same command-line overrides); an
+    invalid file is logged and the running configuration stays.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = 0
@@ -236,25 +368,43 @@ async def serve(config: Config, *, ready: asyncio.Event | None = None) -> int:
         if signals > 1:
             # An operator who asks twice wants out now (uvicorn's handle_exit).
             log.warning("second signal: exiting at once", extra={FIELDS: {"signal": signum}})
+            logging.shutdown()
             os._exit(1)
         log.info("signal: draining", extra={FIELDS: {"signal": signum}})
         stop.set()
 
+    proxy = Proxy(config)
+
+    def on_hup() -> None:
+        if config_path is None:
+            log.warning("SIGHUP: no config file to reload")
+            return
+        try:
+            new = load_config(config_path, overrides)
+        except ConfigError as e:
+            for line in e.lines:
+                log.error("reload refused", extra={FIELDS: {"error": line}})
+            return
+        ignored = proxy.reload(new)
+        setup_logging(new.log.level, new.log.format)
+        for key in ignored:
+            log.warning("reload: setting ignored until restart", extra={FIELDS: {"key": key}})
+        log.info("reloaded", extra={FIELDS: {"path": str(config_path)}})
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    proxy = Proxy(config)
-    await proxy.start()
-    if ready is not None:
-        ready.set()
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
+        await proxy.start()
+        if ready is not None:
+            ready.set()
         await stop.wait()
-    finally:
         started = time.monotonic()
-        await proxy.close()
-        log.info(
-            "stopped",
-            extra={FIELDS: {"drain_s": round(time.monotonic() - started, 3)}},
-        )
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        await proxy.drain()
+        log.info("stopped", extra={FIELDS: {"drain_s": round(time.monotonic() - started, 3)}})
+    finally:
+        if proxy.connections or proxy.admin is not None:
+            await proxy.close(grace=0.0)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     return 0

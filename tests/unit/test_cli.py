@@ -1,0 +1,125 @@
+"""The CLI is thin: it loads the config, applies flags, and calls the server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from wsproxy import __version__, server
+from wsproxy.cli import app
+
+runner = CliRunner()
+
+GOOD = """
+listen: 127.0.0.1:8080
+upstream: {url: "ws://127.0.0.1:9000"}
+routes: [{path: /v1.0/ws}]
+"""
+
+
+@pytest.fixture
+def good(tmp_path: Path) -> Path:
+    p = tmp_path / "config.yaml"
+    p.write_text(GOOD)
+    return p
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"wsproxy {__version__}"
+
+
+def test_check_prints_effective_config_with_defaults(good: Path) -> None:
+    result = runner.invoke(app, ["check", "--config", str(good)])
+    assert result.exit_code == 0, result.output
+    data = yaml.safe_load(result.output)
+    assert data["keepalive"]["ping_interval"] == "30s"
+    assert data["keepalive"]["pong_wait"] == "60s"
+    assert data["keepalive"]["write_wait"] == "10s"
+    assert data["admin"]["listen"] == "127.0.0.1:9100"
+    assert set(data["shutdown"]) == {"drain_delay", "close_spread", "grace_period"}
+
+
+def test_check_reads_wsproxy_config_env(good: Path) -> None:
+    result = runner.invoke(app, ["check"], env={"WSPROXY_CONFIG": str(good)})
+    assert result.exit_code == 0
+    assert "/v1.0/ws" in result.output
+
+
+def test_bad_config_names_the_key_and_exits_2(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text(GOOD + "keepalive: {ping_intervl: 20s, pong_wait: 0s}\n")
+    for command in ("check", "run"):
+        result = runner.invoke(app, [command, "--config", str(p)])
+        assert result.exit_code == 2
+        lines = result.output.strip().splitlines()
+        assert "keepalive.ping_intervl: unknown key" in lines
+        assert any(line.startswith("keepalive.pong_wait: ") for line in lines)
+        assert "Traceback" not in result.output
+
+
+def test_missing_config_is_one_line_exit_2() -> None:
+    result = runner.invoke(app, ["run"], env={"WSPROXY_CONFIG": ""})
+    assert result.exit_code == 2
+    assert "--config" in result.output
+    result = runner.invoke(app, ["check", "--config", "/nonexistent/wsproxy.yaml"])
+    assert result.exit_code == 2
+    assert result.output.startswith("/nonexistent/wsproxy.yaml: ")
+
+
+def test_run_flags_override_the_file(good: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+
+    async def fake_serve(cfg: Any, **kw: Any) -> int:
+        seen["cfg"], seen["kw"] = cfg, kw
+        return 0
+
+    monkeypatch.setattr(server, "serve", fake_serve)
+    monkeypatch.setattr("wsproxy.cli.setup_logging", lambda *a: None)
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            "--config",
+            str(good),
+            "--listen",
+            "127.0.0.1:9999",
+            "--upstream",
+            "wss://127.0.0.1:443",
+            "--ping-interval",
+            "5s",
+            "--pong-wait",
+            "12s",
+            "--write-wait",
+            "250ms",
+            "--log-level",
+            "debug",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    cfg = seen["cfg"]
+    assert cfg.listen == "127.0.0.1:9999"
+    assert cfg.upstream.url == "wss://127.0.0.1:443"
+    assert (cfg.keepalive.ping_interval, cfg.keepalive.pong_wait) == (5.0, 12.0)
+    assert cfg.keepalive.write_wait == 0.25
+    assert cfg.log.level == "debug"
+    # SIGHUP re-reads the same file with the same flags.
+    assert seen["kw"]["config_path"] == good
+    assert seen["kw"]["overrides"]["keepalive.ping_interval"] == "5s"
+
+
+def test_run_flag_errors_name_the_key(good: Path) -> None:
+    result = runner.invoke(app, ["run", "--config", str(good), "--ping-interval", "2m"])
+    assert result.exit_code == 2
+    assert "keepalive.ping_interval: must be less than pong_wait (60s)" in result.output
+
+
+def test_demo_rejects_inverted_intervals() -> None:
+    result = runner.invoke(app, ["demo", "--ping-interval", "5", "--pong-wait", "2"])
+    assert result.exit_code == 2
+    assert "ping_interval" in result.output
