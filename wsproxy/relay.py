@@ -120,6 +120,7 @@ class Relay(asyncio.Protocol):
         "counted",
         "cscan",
         "id",
+        "ip",
         "ka",
         "loop",
         "path",
@@ -144,6 +145,7 @@ class Relay(asyncio.Protocol):
         self.state = State.HEAD
         self.started = _now()
         self.peer = ""
+        self.ip = ""
         self.route: Route | None = None
         self.path = ""
         self.client: asyncio.Transport | None = None
@@ -186,7 +188,11 @@ class Relay(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.client = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+        if isinstance(peer, tuple):
+            self.ip = str(peer[0])
+            self.peer = f"{peer[0]}:{peer[1]}"
+        else:
+            self.ip = self.peer = str(peer or "")
         self.proxy.connection_opened(self)
         self._handshake_timer = self.loop.call_later(
             self.config.limits.handshake_timeout, self._handshake_timed_out
@@ -277,6 +283,18 @@ class Relay(asyncio.Protocol):
         if self.proxy.active > self.config.limits.max_connections:
             self._reject(503, "too many connections")
             return
+        per_ip = self.config.limits.max_connections_per_ip
+        if per_ip is not None and self.proxy.per_ip[self.ip] > per_ip:
+            self._reject(429, "too many connections from this address")
+            return
+        if req.method == "CONNECT":
+            # Only ever the configured upstream: never a tunnel to a place the client names.
+            self._reject(
+                405,
+                "CONNECT is not supported",
+                [("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")],
+            )
+            return
         upgrade = req.is_websocket_upgrade
         if route is not None and route.mode == "events":
             # wsproxy is the endpoint here: no upstream connection at all.
@@ -301,8 +319,7 @@ class Relay(asyncio.Protocol):
                 return
         self.route = route if upgrade else None
         proto = "https" if self.client is not None and self._client_tls() else "http"
-        ip = self.peer.rsplit(":", 1)[0]
-        head = http.forwarded_head(req, peer_ip=ip, proto=proto)
+        head = http.forwarded_head(req, peer_ip=self.ip, proto=proto)
         assert self.client is not None
         self.client.pause_reading()
         self.state = State.CONNECTING

@@ -9,6 +9,7 @@ place that counts and logs, so the relay's hot path stays free of bookkeeping.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -60,6 +61,7 @@ class Proxy:
         self.config = config
         self.relays: set[Relay] = set()  # open keep-alive relays
         self.connections: set[Relay] = set()  # every open client connection
+        self.per_ip: collections.Counter[str] = collections.Counter()
         self.draining = False  # /readyz fails from here on
         self.closing = False  # the listener is closed; handshakes get 503
         self.admin: AdminServer | None = None
@@ -261,6 +263,7 @@ class Proxy:
 
     def connection_opened(self, conn: Relay) -> None:
         self.connections.add(conn)
+        self.per_ip[conn.ip] += 1
         self._idle.clear()
 
     def connection_accepted(self, conn: Relay, *, tunnel: bool) -> None:
@@ -287,7 +290,14 @@ class Proxy:
             log.info("open", extra={FIELDS: {"event": "open", **_brief(conn)}})
 
     def connection_closed(self, conn: Relay) -> None:
+        if conn not in self.connections:
+            return  # reported once only
         self.connections.discard(conn)
+        left = self.per_ip[conn.ip] - 1
+        if left > 0:
+            self.per_ip[conn.ip] = left
+        else:
+            del self.per_ip[conn.ip]
         was_relay = conn in self.relays
         self.relays.discard(conn)
         if not self.connections:
