@@ -18,9 +18,13 @@ from wsproxy import config as cfgmod
 from wsproxy.config import (
     Config,
     ConfigError,
+    EventsAuth,
+    EventsSettings,
+    JwtSettings,
     KeepaliveOverride,
     KeepaliveSettings,
     Route,
+    UpstreamKeepalive,
     effective_yaml,
     format_duration,
     format_size,
@@ -337,6 +341,220 @@ def test_server_tls_files(tmp_path: Path) -> None:
     assert cfg.upstream.tls.verify is False
 
 
+def test_new_key_defaults() -> None:
+    cfg = parse_config(minimal())
+    assert (cfg.keepalive.max_lifetime, cfg.keepalive.max_lifetime_jitter) == (None, 0.0)
+    assert cfg.routes[0].mode == "relay"
+    assert cfg.limits.max_connections_per_ip is None
+    assert cfg.upstream.keepalive is None
+    assert (cfg.admin.enabled, cfg.admin.listen) == (True, "127.0.0.1:9100")
+    assert (cfg.admin.host, cfg.admin.port) == ("127.0.0.1", 9100)
+    sd = cfg.shutdown
+    assert (sd.drain_delay, sd.close_spread, sd.grace_period) == (5.0, 10.0, 20.0)
+    assert cfg.zmq is None
+    assert cfg.events is None
+
+
+def test_zero_durations_where_allowed() -> None:
+    cfg = parse_config(
+        minimal(
+            keepalive={"max_lifetime": "1h", "max_lifetime_jitter": "0s"},
+            routes=[{"path": "/ws", "keepalive": {"max_lifetime_jitter": 0}}],
+            shutdown={"drain_delay": 0, "close_spread": "0s", "grace_period": "250ms"},
+        )
+    )
+    assert cfg.keepalive.max_lifetime == 3600.0
+    assert cfg.keepalive.max_lifetime_jitter == 0.0
+    assert cfg.keepalive_for(cfg.routes[0]).max_lifetime_jitter == 0.0
+    assert (cfg.shutdown.drain_delay, cfg.shutdown.close_spread) == (0.0, 0.0)
+    assert cfg.shutdown.grace_period == 0.25
+
+
+def test_max_lifetime_per_route() -> None:
+    cfg = parse_config(
+        minimal(
+            keepalive={"max_lifetime": "1h", "max_lifetime_jitter": "5m"},
+            routes=[
+                {"path": "/a"},
+                {"path": "/b", "keepalive": {"max_lifetime": "2h"}},
+                {"path": "/c", "keepalive": {"max_lifetime_jitter": "30s"}},
+            ],
+        )
+    )
+    a, b, c = (cfg.keepalive_for(r) for r in cfg.routes)
+    assert (a.max_lifetime, a.max_lifetime_jitter) == (3600.0, 300.0)
+    assert (b.max_lifetime, b.max_lifetime_jitter) == (7200.0, 300.0)
+    assert (c.max_lifetime, c.max_lifetime_jitter) == (3600.0, 30.0)
+
+
+def test_upstream_keepalive() -> None:
+    cfg = parse_config(minimal(upstream={"url": "ws://h", "keepalive": {"ping_interval": "10s"}}))
+    assert cfg.upstream.keepalive == UpstreamKeepalive(ping_interval=10, pong_wait=60)
+    cfg = parse_config(minimal(upstream={"url": "ws://h", "keepalive": {}}))
+    assert cfg.upstream.keepalive == UpstreamKeepalive(ping_interval=30, pong_wait=60)
+    with pytest.raises(ValidationError) as info:
+        UpstreamKeepalive(ping_interval=5, pong_wait=5)
+    assert format_validation_error(info.value) == [
+        "ping_interval: must be less than pong_wait (5s)"
+    ]
+
+
+def test_admin_and_per_ip_limit() -> None:
+    cfg = parse_config(
+        minimal(
+            admin={"enabled": False, "listen": "[::1]:9200"}, limits={"max_connections_per_ip": 50}
+        )
+    )
+    assert cfg.admin.enabled is False
+    assert (cfg.admin.host, cfg.admin.port) == ("::1", 9200)
+    assert cfg.limits.max_connections_per_ip == 50
+    cfg = parse_config(minimal(limits={"max_connections_per_ip": None}))
+    assert cfg.limits.max_connections_per_ip is None
+
+
+def events_config(**extra: Any) -> dict[str, Any]:
+    data = minimal(
+        routes=[{"path": "/ws"}, {"path": "/events", "mode": "events"}],
+        zmq={"endpoints": ["tcp://127.0.0.1:5555"]},
+        events={"auth": "none"},
+    )
+    data.update(extra)
+    return data
+
+
+def test_events_route_minimal() -> None:
+    cfg = parse_config(events_config())
+    assert [r.mode for r in cfg.routes] == ["relay", "events"]
+    assert cfg.zmq is not None and cfg.events is not None
+    assert (cfg.zmq.endpoints, cfg.zmq.bind) == (["tcp://127.0.0.1:5555"], False)
+    ev = cfg.events
+    assert ev.auth == "none"
+    assert (ev.queue_size, ev.queue_bytes, ev.overflow) == (1000, 8 * 1024**2, "close")
+    assert ev.max_topics_per_connection == 64
+
+
+def test_events_keys_case_and_values(tmp_path: Path) -> None:
+    secret = tmp_path / "jwt.key"
+    secret.write_text("s3cret")
+    cfg = parse_config(
+        events_config(
+            routes=[{"path": "/events", "mode": "EVENTS"}],
+            zmq={"endpoints": ["ipc:///run/events.sock", "tcp://10.0.0.1:5555"], "bind": True},
+            events={
+                "auth": {
+                    "jwt": {
+                        "secret_file": str(secret),
+                        "algorithms": ["HS256", "HS512"],
+                        "audience": "wsproxy",
+                        "issuer": "api-manager",
+                    },
+                    "allow_topics": ["customer_id:*", "agent_id:*"],
+                },
+                "queue_size": 10,
+                "queue_bytes": "1MiB",
+                "overflow": "DROP_OLDEST",
+                "max_topics_per_connection": 3,
+            },
+        )
+    )
+    assert cfg.routes[0].mode == "events"
+    assert cfg.zmq is not None and cfg.zmq.bind is True
+    assert cfg.events is not None
+    auth = cfg.events.auth
+    assert isinstance(auth, EventsAuth)
+    assert auth.jwt == JwtSettings(
+        secret_file=secret,
+        algorithms=["HS256", "HS512"],
+        audience="wsproxy",
+        issuer="api-manager",
+    )
+    assert auth.allow_topics == ["customer_id:*", "agent_id:*"]
+    assert (cfg.events.queue_size, cfg.events.queue_bytes) == (10, 1024**2)
+    assert cfg.events.overflow == "drop_oldest"
+    assert cfg.events.max_topics_per_connection == 3
+
+
+def test_events_auth_none_any_case() -> None:
+    cfg = parse_config(events_config(events={"auth": "None"}))
+    assert cfg.events is not None and cfg.events.auth == "none"
+
+
+def test_events_auth_jwt_defaults() -> None:
+    cfg = parse_config(
+        events_config(events={"auth": {"jwt": {"secret_env": "JWT_KEY"}, "allow_topics": ["a"]}})
+    )
+    assert cfg.events is not None
+    auth = cfg.events.auth
+    assert isinstance(auth, EventsAuth)
+    assert auth.jwt == JwtSettings(secret_env="JWT_KEY")
+    assert (auth.jwt.secret_file, auth.jwt.algorithms) == (None, ["HS256"])
+    assert (auth.jwt.audience, auth.jwt.issuer) == (None, None)
+
+
+def test_events_auth_model_instance() -> None:
+    auth = EventsAuth(jwt=JwtSettings(secret_env="K"), allow_topics=["a"])
+    assert EventsSettings(auth=auth).auth is auth
+    assert EventsSettings(auth="none").auth == "none"
+
+
+def test_events_jwt_secret_rules(tmp_path: Path) -> None:
+    secret = tmp_path / "k"
+    secret.write_text("x")
+    both = {"secret_env": "K", "secret_file": str(secret)}
+    assert one_error(events_config(events={"auth": {"jwt": both, "allow_topics": ["a"]}})) == (
+        "events.auth.jwt.secret_env: set exactly one of secret_env or secret_file"
+    )
+    missing = tmp_path / "missing"
+    line = one_error(
+        events_config(
+            events={"auth": {"jwt": {"secret_file": str(missing)}, "allow_topics": ["a"]}}
+        )
+    )
+    assert line == (
+        f"events.auth.jwt.secret_file: cannot read file '{missing}': No such file or directory"
+    )
+
+
+def test_events_auth_errors_all_reported() -> None:
+    lines = errors_of(events_config(events={"auth": {"jwt": {"secret_env": 1}, "x": 1}}))
+    assert lines == [
+        "events.auth.jwt.secret_env: must be a string (got 1)",
+        "events.auth.allow_topics: missing required key",
+        "events.auth.x: unknown key",
+    ]
+    for line in lines:
+        assert "Input should" not in line and "EventsAuth" not in line and "literal" not in line
+
+
+@pytest.mark.parametrize(
+    ("drop", "lines"),
+    [
+        (("zmq",), ["zmq: required when a route has mode: events (routes.1)"]),
+        (("events",), ["events.auth: required when a route has mode: events (routes.1)"]),
+        (
+            ("zmq", "events"),
+            [
+                "zmq: required when a route has mode: events (routes.1)",
+                "events.auth: required when a route has mode: events (routes.1)",
+            ],
+        ),
+    ],
+)
+def test_events_route_requires_sections(drop: tuple[str, ...], lines: list[str]) -> None:
+    data = events_config()
+    for key in drop:
+        del data[key]
+    assert errors_of(data) == lines
+    data = events_config(**dict.fromkeys(drop))
+    assert errors_of(data) == lines
+
+
+def test_zmq_and_events_without_events_route() -> None:
+    cfg = parse_config(minimal(zmq={"endpoints": ["tcp://h:1"]}, events={"auth": "none"}))
+    assert cfg.zmq is not None and cfg.events is not None
+    assert cfg.routes[0].mode == "relay"
+
+
 # ------------------------------------------------------------------ validation lines
 
 
@@ -484,8 +702,191 @@ def test_server_tls_files(tmp_path: Path) -> None:
         (minimal(listen="[::1]80"), "listen: invalid address '[::1]80'"),
         (minimal(listen="[]:80"), "listen: invalid address '[]:80'"),
         (minimal(listen=8080), "listen: must be a string (got 8080)"),
+        # max_lifetime and its jitter
+        (
+            minimal(keepalive={"max_lifetime": 0}),
+            "keepalive.max_lifetime: must be positive (got 0)",
+        ),
+        (
+            minimal(keepalive={"max_lifetime": "forever"}),
+            "keepalive.max_lifetime: invalid duration 'forever'",
+        ),
+        (
+            minimal(keepalive={"max_lifetime_jitter": -1}),
+            "keepalive.max_lifetime_jitter: must not be negative (got -1)",
+        ),
+        (
+            minimal(keepalive={"max_lifetime_jitter": None}),
+            "keepalive.max_lifetime_jitter: invalid duration null",
+        ),
+        (
+            minimal(keepalive={"max_lifetime_jitter": "-5s"}),
+            "keepalive.max_lifetime_jitter: invalid duration '-5s'",
+        ),
+        (
+            minimal(routes=[{"path": "/a", "keepalive": {"max_lifetime": "0s"}}]),
+            "routes.0.keepalive.max_lifetime: must be positive (got '0s')",
+        ),
+        (
+            minimal(routes=[{"path": "/a", "keepalive": {"max_lifetime_jitter": -0.5}}]),
+            "routes.0.keepalive.max_lifetime_jitter: must not be negative (got -0.5)",
+        ),
+        # route mode
+        (
+            minimal(routes=[{"path": "/a", "mode": "stream"}]),
+            "routes.0.mode: must be 'relay' or 'events' (got 'stream')",
+        ),
+        # per-ip limit
+        (
+            minimal(limits={"max_connections_per_ip": 0}),
+            "limits.max_connections_per_ip: must be greater than 0 (got 0)",
+        ),
+        (
+            minimal(limits={"max_connections_per_ip": True}),
+            "limits.max_connections_per_ip: must be a whole number (got true)",
+        ),
+        (
+            minimal(limits={"max_connections_per_ip": "few"}),
+            "limits.max_connections_per_ip: must be a whole number (got 'few')",
+        ),
+        # upstream keepalive
+        (
+            minimal(upstream={"url": "ws://h", "keepalive": {"ping_interval": "60s"}}),
+            "upstream.keepalive.ping_interval: must be less than pong_wait (60s)",
+        ),
+        (
+            minimal(upstream={"url": "ws://h", "keepalive": {"pong_wait": "10s"}}),
+            "upstream.keepalive.ping_interval: must be less than pong_wait (10s)",
+        ),
+        (
+            minimal(upstream={"url": "ws://h", "keepalive": {"pong_wait": 0}}),
+            "upstream.keepalive.pong_wait: must be positive (got 0)",
+        ),
+        (
+            minimal(upstream={"url": "ws://h", "keepalive": "on"}),
+            "upstream.keepalive: must be a mapping of keys (got 'on')",
+        ),
+        # admin
+        (
+            minimal(admin={"listen": "9100"}),
+            "admin.listen: invalid address '9100' (use host:port",
+        ),
+        (minimal(admin={"enabled": "yes please"}), "admin.enabled: must be true or false"),
+        (minimal(admin={"port": 9100}), "admin.port: unknown key"),
+        # shutdown
+        (
+            minimal(shutdown={"close_spread": "20s"}),
+            "shutdown.close_spread: must be less than grace_period (20s)",
+        ),
+        (
+            minimal(shutdown={"grace_period": "5s"}),
+            "shutdown.close_spread: must be less than grace_period (5s)",
+        ),
+        (
+            minimal(shutdown={"grace_period": 0}),
+            "shutdown.grace_period: must be positive (got 0)",
+        ),
+        (
+            minimal(shutdown={"drain_delay": -1}),
+            "shutdown.drain_delay: must not be negative (got -1)",
+        ),
+        (
+            minimal(shutdown={"close_spread": "soon"}),
+            "shutdown.close_spread: invalid duration 'soon'",
+        ),
+        # zmq
+        (minimal(zmq={}), "zmq.endpoints: missing required key"),
+        (minimal(zmq={"endpoints": []}), "zmq.endpoints: must not be empty"),
+        (
+            minimal(zmq={"endpoints": "tcp://h:5555"}),
+            "zmq.endpoints: must be a list (got 'tcp://h:5555')",
+        ),
+        (
+            minimal(zmq={"endpoints": ["http://h:5555"]}),
+            "zmq.endpoints.0: must be a tcp:// or ipc:// address (got 'http://h:5555')",
+        ),
+        (
+            minimal(zmq={"endpoints": ["ipc:///a", "tcp://"]}),
+            "zmq.endpoints.1: must be a tcp:// or ipc:// address (got 'tcp://')",
+        ),
+        (
+            minimal(zmq={"endpoints": ["tcp://h:1"], "bind": "maybe"}),
+            "zmq.bind: must be true or false (got 'maybe')",
+        ),
+        # events
+        (minimal(events={}), "events.auth: missing required key"),
+        (
+            minimal(events={"auth": "basic"}),
+            "events.auth: must be 'none' or a mapping with jwt and allow_topics (got 'basic')",
+        ),
+        (
+            minimal(events={"auth": None}),
+            "events.auth: must be 'none' or a mapping with jwt and allow_topics (got null)",
+        ),
+        (
+            minimal(events={"auth": ["jwt"]}),
+            "events.auth: must be 'none' or a mapping with jwt and allow_topics (got a list)",
+        ),
+        (
+            minimal(events={"auth": {"jwt": {"secret_env": "K"}}}),
+            "events.auth.allow_topics: missing required key",
+        ),
+        (
+            minimal(events={"auth": {"jwt": {"secret_env": "K"}, "allow_topics": []}}),
+            "events.auth.allow_topics: must not be empty",
+        ),
+        (
+            minimal(events={"auth": {"allow_topics": ["a"]}}),
+            "events.auth.jwt: missing required key",
+        ),
+        (
+            minimal(events={"auth": {"jwt": {}, "allow_topics": ["a"]}}),
+            "events.auth.jwt.secret_env: set exactly one of secret_env or secret_file",
+        ),
+        (
+            minimal(
+                events={"auth": {"jwt": {"secret_env": "K", "algo": "x"}, "allow_topics": ["a"]}}
+            ),
+            "events.auth.jwt.algo: unknown key",
+        ),
+        (
+            minimal(
+                events={
+                    "auth": {"jwt": {"secret_env": "K", "algorithms": []}, "allow_topics": ["a"]}
+                }
+            ),
+            "events.auth.jwt.algorithms: must not be empty",
+        ),
+        (
+            minimal(events={"auth": "none", "queue_size": 0}),
+            "events.queue_size: must be greater than 0 (got 0)",
+        ),
+        (
+            minimal(events={"auth": "none", "queue_size": True}),
+            "events.queue_size: must be a whole number (got true)",
+        ),
+        (
+            minimal(events={"auth": "none", "queue_bytes": "8XB"}),
+            "events.queue_bytes: invalid size '8XB'",
+        ),
+        (
+            minimal(events={"auth": "none", "overflow": "block"}),
+            "events.overflow: must be 'close' or 'drop_oldest' (got 'block')",
+        ),
+        (
+            minimal(events={"auth": "none", "max_topics_per_connection": 0}),
+            "events.max_topics_per_connection: must be greater than 0 (got 0)",
+        ),
+        (
+            minimal(events={"auth": "none"}, zmq={"endpoints": ["tcp://h:1"]}, topics=1),
+            "topics: unknown key",
+        ),
         # sections of the wrong shape
         (minimal(keepalive="30s"), "keepalive: must be a mapping of keys (got '30s')"),
+        (minimal(admin=True), "admin: must be a mapping of keys (got true)"),
+        (minimal(shutdown="5s"), "shutdown: must be a mapping of keys (got '5s')"),
+        (minimal(zmq=["tcp://h:1"]), "zmq: must be a mapping of keys (got a list)"),
+        (minimal(events="none"), "events: must be a mapping of keys (got 'none')"),
         (minimal(log=None), "log: must be a mapping of keys (got null)"),
         ({"routes": [{"path": "/"}]}, "upstream: missing required key"),
     ],
@@ -863,12 +1264,13 @@ def test_effective_yaml_round_trip(tmp_path: Path) -> None:
     assert data["limits"]["max_frame_size"] == "1KB"
     assert data["limits"]["max_header_bytes"] == "12345"
     assert data["passthrough"] == "off"
-    assert data["routes"][0] == {"path": "/v1.0/ws"}
+    assert data["routes"][0] == {"path": "/v1.0/ws", "mode": "relay"}
     assert data["routes"][1] == {
         "path": "/v1.0/service_agents/ws",
+        "mode": "relay",
         "keepalive": {"ping_interval": "20s", "pong_wait": "60s"},
     }
-    assert data["routes"][2] == {"path": "/x", "keepalive": {}}
+    assert data["routes"][2] == {"path": "/x", "mode": "relay", "keepalive": {}}
     p = tmp_path / "effective.yaml"
     p.write_text(text)
     assert load_config(p) == cfg
@@ -883,18 +1285,74 @@ def test_effective_yaml_fills_defaults(tmp_path: Path) -> None:
         "write_wait": "10s",
         "close_timeout": "5s",
         "liveness": "pong",
+        "max_lifetime": None,
+        "max_lifetime_jitter": "0s",
     }
     assert data["limits"] == {
         "max_connections": 10000,
         "max_frame_size": "16MiB",
         "handshake_timeout": "10s",
         "max_header_bytes": "16KiB",
+        "max_connections_per_ip": None,
     }
     assert data["upstream"]["tls"] == {"ca_file": None, "server_name": None, "verify": True}
+    assert data["upstream"]["keepalive"] is None
     assert data["tls"] is None
+    assert data["admin"] == {"enabled": True, "listen": "127.0.0.1:9100"}
+    assert data["shutdown"] == {"drain_delay": "5s", "close_spread": "10s", "grace_period": "20s"}
+    assert data["zmq"] is None
+    assert data["events"] is None
     p = tmp_path / "e.yaml"
     p.write_text(effective_yaml(cfg))
     assert load_config(p) == cfg
+
+
+def test_effective_yaml_round_trip_new_keys(tmp_path: Path) -> None:
+    secret = tmp_path / "jwt.key"
+    secret.write_text("x")
+    cfg = parse_config(
+        events_config(
+            routes=[
+                {"path": "/ws", "keepalive": {"max_lifetime": "2h", "max_lifetime_jitter": 0}},
+                {"path": "/events", "mode": "events"},
+            ],
+            upstream={"url": "ws://h", "keepalive": {"ping_interval": "15s", "pong_wait": "45s"}},
+            keepalive={"max_lifetime": "1h", "max_lifetime_jitter": "90s"},
+            limits={"max_connections_per_ip": 20},
+            admin={"enabled": False, "listen": "0.0.0.0:9100"},
+            shutdown={"drain_delay": 0, "close_spread": 0, "grace_period": "30s"},
+            zmq={"endpoints": ["ipc:///tmp/e.sock"], "bind": True},
+            events={
+                "auth": {
+                    "jwt": {"secret_file": str(secret), "audience": "a"},
+                    "allow_topics": ["t:*"],
+                },
+                "queue_bytes": "1MiB",
+                "overflow": "drop_oldest",
+            },
+        )
+    )
+    text = effective_yaml(cfg)
+    data = yaml.safe_load(text)
+    assert data["routes"][0] == {
+        "path": "/ws",
+        "mode": "relay",
+        "keepalive": {"max_lifetime": "2h", "max_lifetime_jitter": "0s"},
+    }
+    assert data["routes"][1] == {"path": "/events", "mode": "events"}
+    assert data["keepalive"]["max_lifetime"] == "60m"
+    assert data["keepalive"]["max_lifetime_jitter"] == "90s"
+    assert data["upstream"]["keepalive"] == {"ping_interval": "15s", "pong_wait": "45s"}
+    assert data["shutdown"] == {"drain_delay": "0s", "close_spread": "0s", "grace_period": "30s"}
+    assert data["events"]["auth"]["jwt"]["secret_file"] == str(secret)
+    assert data["events"]["queue_bytes"] == "1MiB"
+    p = tmp_path / "effective.yaml"
+    p.write_text(text)
+    assert load_config(p) == cfg
+    none_auth = parse_config(events_config())
+    p.write_text(effective_yaml(none_auth))
+    assert yaml.safe_load(p.read_text())["events"]["auth"] == "none"
+    assert load_config(p) == none_auth
 
 
 def test_effective_yaml_of_example_round_trips(tmp_path: Path) -> None:
