@@ -104,6 +104,35 @@ class _LiveCollector(Collector):
         d = GaugeMetricFamily("wsproxy_draining", "1 while the proxy drains for shutdown.")
         d.add_metric([], 1 if proxy.draining else 0)
         yield d
+        hub = proxy.events
+        if hub is not None:
+            yield from _events_families(hub.counters())
+
+
+_EVENTS_HELP = {
+    "wsproxy_events_received_total": "Messages read from the ZeroMQ SUB socket.",
+    "wsproxy_events_delivered_total": "Event frames queued to clients.",
+    "wsproxy_events_dropped_total": "Events not delivered, by reason.",
+    "wsproxy_events_slow_consumers_total": "Clients closed with 1013 for not keeping up.",
+    "wsproxy_subscriptions_active": "Client topic subscriptions.",
+    "wsproxy_events_zmq_subscriptions": "Distinct topics subscribed on the ZeroMQ socket.",
+}
+
+
+def _events_families(counters: dict[str, object]) -> Iterator[Metric]:
+    for name, value in counters.items():
+        help_text = _EVENTS_HELP.get(name, name)
+        if name.endswith("_total"):
+            base = name.removesuffix("_total")
+            if isinstance(value, dict):
+                fam = CounterMetricFamily(base, help_text, labels=["reason"])
+                for reason, n in sorted(value.items()):
+                    fam.add_metric([str(reason)], float(n))
+            else:
+                fam = CounterMetricFamily(base, help_text, value=float(value))  # type: ignore[arg-type]
+            yield fam
+        elif isinstance(value, int | float):
+            yield GaugeMetricFamily(name, help_text, value=float(value))
 
 
 class Metrics:

@@ -726,6 +726,9 @@ class Relay(asyncio.Protocol):
 
     def abort(self) -> None:
         """Drop both sides now (no handshake)."""
+        if self.state is State.EVENTS and self.proxy.events is not None:
+            self.proxy.events.abort(self)
+            return
         if self.client is not None and not self._client_lost:
             self.client.abort()
         if self.upstream is not None and not self._upstream_lost:
@@ -741,6 +744,8 @@ class Relay(asyncio.Protocol):
             self._close_upstream(code, reason)
         elif self.state in (State.HEAD, State.CONNECTING, State.RESPONSE):
             self._reject(503, "shutting down")
+        elif self.state is State.EVENTS and self.proxy.events is not None:
+            self.proxy.events.shutdown(self, code, reason)
         # A TUNNEL is left alone: an HTTP exchange in flight should finish; whatever
         # is still open when the grace period ends is aborted.
 

@@ -100,6 +100,11 @@ class Proxy:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        if any(r.mode == "events" for r in self.config.routes):
+            from wsproxy.events import EventsHub
+
+            self.events = EventsHub(self)
+            await self.events.start()
         self._server = await loop.create_server(
             lambda: Relay(self),
             self.config.listen_host,
