@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import sys
+import time
 
+import zmq
+import zmq.asyncio
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
@@ -49,16 +53,54 @@ async def _upstream_handler(ws: ServerConnection) -> None:
         )
 
 
+DEMO_TOPIC = "customer_id:demo"
+
+
+async def _publish(sock: zmq.asyncio.Socket) -> None:
+    """A stand-in for the event bus: one call event every few seconds."""
+    n = 0
+    while True:  # cancelled when the demo stops
+        await asyncio.sleep(TICK_SECONDS)
+        n += 1
+        payload = {"type": "call_updated", "data": {"id": f"call-{n}", "ts": time.time()}}
+        await sock.send_multipart(
+            [f"{DEMO_TOPIC}:call:call-{n}".encode(), json.dumps(payload).encode()]
+        )
+
+
 async def run_demo(port: int, ping_interval: float, pong_wait: float) -> int:
     # The upstream answers pings itself, but its own keep-alive is off so that the
     # pings in the log are the proxy's.
+    zctx = zmq.asyncio.Context()
+    pub = zctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    zport = pub.bind_to_random_port("tcp://127.0.0.1")
+    publisher = asyncio.create_task(_publish(pub))
+    try:
+        return await _run(port, ping_interval, pong_wait, zport)
+    finally:
+        publisher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await publisher
+        pub.close()
+        zctx.term()
+
+
+async def _run(port: int, ping_interval: float, pong_wait: float, zport: int) -> int:
     async with serve(_upstream_handler, "127.0.0.1", 0, ping_interval=None) as upstream:
         uport = upstream.sockets[0].getsockname()[1] if upstream.sockets else 0
         config = parse_config(
             {
                 "listen": f"127.0.0.1:{port}",
                 "upstream": {"url": f"ws://127.0.0.1:{uport}"},
-                "routes": [{"path": "/v1.0/ws"}, {"path": "/v1.0/service_agents/ws"}],
+                "routes": [
+                    {"path": "/v1.0/ws"},
+                    {"path": "/v1.0/service_agents/ws"},
+                    {"path": "/v1.0/events", "mode": "events"},
+                ],
+                "zmq": {"endpoints": [f"tcp://127.0.0.1:{zport}"]},
+                "events": {"auth": "none"},
+                "admin": {"listen": "127.0.0.1:0"},
                 "keepalive": {
                     "ping_interval": ping_interval,
                     "pong_wait": pong_wait,
@@ -70,12 +112,16 @@ async def run_demo(port: int, ping_interval: float, pong_wait: float) -> int:
         proxy = Proxy(config)
         await proxy.start()
         url = f"ws://127.0.0.1:{proxy.port}/v1.0/ws"
+        events = f"ws://127.0.0.1:{proxy.port}/v1.0/events"
+        subscribe = json.dumps({"type": "subscribe", "topics": [DEMO_TOPIC]})
         print(
             f"\nwsproxy demo: upstream echo on ws://127.0.0.1:{uport}, proxy on {url}\n"
             f"  pings every {ping_interval:g}s, pong deadline {pong_wait:g}s.\n"
             f"  Connect with:  {sys.executable} -m websockets {url}\n"
             "  Type a line to see it echoed; the upstream ticks every "
-            f"{TICK_SECONDS:g}s. Ctrl-C stops.\n",
+            f"{TICK_SECONDS:g}s. Ctrl-C stops.\n"
+            f"  Events route (served by wsproxy from ZeroMQ): {events}\n"
+            f"  connect to it the same way and send {subscribe}\n",
             flush=True,
         )
         stop = asyncio.Event()

@@ -225,6 +225,12 @@ async def test_demo_serves_echo_and_stops_on_ctrl_c():
             await ws.send("hello demo")
             assert await ws.recv() == "hello demo"
             await asyncio.sleep(0.6)  # a few proxy pings, answered by the library
+        # The events route, fed by the demo's own ZeroMQ publisher (one event per tick).
+        async with connect(f"ws://127.0.0.1:{port}/v1.0/events") as ws:
+            await ws.send(json.dumps({"type": "subscribe", "topics": ["customer_id:demo"]}))
+            async with asyncio.timeout(15):
+                event = json.loads(await ws.recv())
+            assert event["type"] == "call_updated"
         proc.send_signal(signal.SIGINT)
         assert await p.wait(10) == 0
         text = "\n".join(p.lines)
