@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+import wsproxy
 from tests.support import MS
 from tests.support.helpers import wait_until
 from tests.support.upstream import echo, flood
@@ -253,3 +255,30 @@ async def test_reload_changes_cadence_of_open_connection(make_config, proxy, ws_
     assert (await c2.handshake("/ws")).status == 101
     await c2.close_handshake()
     await c.close_handshake()
+
+
+async def test_idle_connections_hold_no_task(make_config, proxy, ws_upstream, client):
+    """Keep-alive and deadlines are timer handles: 50 idle relays, no task of the proxy."""
+    up = await ws_upstream(echo)
+    p = await proxy(make_config(up, keepalive__ping_interval=50 * MS, keepalive__pong_wait=2))
+    before = asyncio.all_tasks()
+    clients = []
+    for _ in range(50):
+        c = await client(p)
+        assert (await c.handshake("/ws")).status == 101
+        clients.append(c)
+    await wait_until(lambda: all(len(c.log.pings) >= 2 for c in clients), within=5000 * MS)
+    # Only the test's own client readers and the upstream's handlers are new tasks.
+    new = asyncio.all_tasks() - before
+    proxy_dir = str(Path(wsproxy.__file__).parent)
+    ours = [
+        t
+        for t in new
+        if getattr(t.get_coro(), "cr_code", None) is not None
+        and t.get_coro().cr_code.co_filename.startswith(proxy_dir)
+    ]  # type: ignore[union-attr]
+    assert ours == []
+    assert len(p.relays) == 50
+    for c in clients:
+        await c.close_handshake()
+    await wait_until(lambda: p.active == 0)
