@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 import sys
 
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_create_server
 
-from bench.common import HOST, raise_fd_limit, run_fast
+from bench.common import HOST, raise_fd_limit, run_fast, stop_on_stdin_eof
 
 
 class EchoListener(WSListener):
@@ -36,14 +35,7 @@ async def main(max_seconds: float) -> None:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    stdin = sys.stdin.fileno()
-
-    def on_stdin() -> None:  # the parent went away: stop
-        if not os.read(stdin, 4096):
-            loop.remove_reader(stdin)
-            stop.set()
-
-    loop.add_reader(stdin, on_stdin)
+    stop_on_stdin_eof(stop)  # the parent went away: stop
     server = await ws_create_server(_listener, HOST, 0, backlog=1024, max_frame_size=1 << 24)
     port = server.sockets[0].getsockname()[1]
     print(f"PORT {port}", flush=True)

@@ -71,9 +71,22 @@ class KeepAlive:
     """
 
     def __init__(
-        self, *, ping_interval: float, pong_wait: float, now: float, first_ping_delay: float
+        self,
+        *,
+        ping_interval: float,
+        pong_wait: float,
+        now: float,
+        first_ping_delay: float,
+        slack: float = 0.0,
     ) -> None:
         _check(ping_interval, pong_wait)
+        if slack < 0:
+            raise ValueError("slack must not be negative")
+        #: A deadline this close to ``now`` counts as reached. Event loops fire timers
+        #: early by up to their clock's resolution (uvloop rounds to whole
+        #: milliseconds); without slack an early wake-up finds nothing due, re-arms a
+        #: timer that rounds to "now", and spins until the clock ticks.
+        self.slack = slack
         self.ping_interval = ping_interval
         self.pong_wait = pong_wait
         #: When the next ping is due.
@@ -102,9 +115,10 @@ class KeepAlive:
         Intervals missed entirely (a stalled loop, a suspended host) are skipped: at
         most one ping is returned per call, and the next is never due already.
         """
-        if now >= self.deadline:
+        due = now + self.slack
+        if due >= self.deadline:
             return TIMEOUT
-        if now < self.next_ping_at:
+        if due < self.next_ping_at:
             return None
         interval = self.ping_interval
         nxt = self.next_ping_at + interval

@@ -170,6 +170,12 @@ class Metrics:
             ["route"],
             registry=r,
         )
+        self.upstream_keepalive_timeouts = Counter(
+            "wsproxy_upstream_keepalive_timeouts",
+            "Upstreams dropped for no pong within upstream.keepalive.pong_wait.",
+            ["route"],
+            registry=r,
+        )
         self.write_timeouts = Counter(
             "wsproxy_write_timeouts",
             "Connections cut because a write stalled for write_wait.",

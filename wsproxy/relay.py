@@ -43,6 +43,9 @@ log = logging.getLogger("wsproxy")
 ka_log = logging.getLogger("wsproxy.keepalive")
 
 _ids = itertools.count(1)
+# Timers may fire this much early (uvloop rounds delays to whole milliseconds and its
+# clock advances in millisecond steps): a deadline within it counts as due.
+TIMER_SLACK = 0.002
 _rng = random.Random()
 
 
@@ -444,6 +447,7 @@ class Relay(asyncio.Protocol):
             pong_wait=settings.pong_wait,
             now=now,
             first_ping_delay=first_ping_delay(settings.ping_interval, _rng),
+            slack=TIMER_SLACK,
         )
         self._timer = self.loop.call_at(self.ka.next_wakeup(), self._on_timer)
         if settings.max_lifetime is not None:
@@ -456,6 +460,7 @@ class Relay(asyncio.Protocol):
                 pong_wait=uk.pong_wait,
                 now=now,
                 first_ping_delay=first_ping_delay(uk.ping_interval, _rng),
+                slack=TIMER_SLACK,
             )
             self._utimer = self.loop.call_at(self.uka.next_wakeup(), self._on_utimer)
         self.proxy.connection_accepted(self, tunnel=False)
@@ -636,11 +641,14 @@ class Relay(asyncio.Protocol):
             return
         action = uka.poll(self.loop.time())
         if action is TIMEOUT:
+            # The upstream vanished without a FIN: the client hears why, then the
+            # upstream side is dropped (there is nobody there to close with).
             self.closed_by = "proxy:upstream_keepalive_timeout"
-            self.proxy.upstream_error(self, "keepalive_timeout")
+            self.proxy.upstream_keepalive_timeout(self)
+            self._close_client(1011, "upstream keepalive timeout", abort_after=True)
             if self.upstream is not None:
                 self.upstream.abort()
-            return  # upstream_lost sends the client its Close
+            return
         if isinstance(action, bytes):
             ping = frames.build_frame(frames.OP_PING, action, mask=os.urandom(4))
             assert self.cscan is not None and self.upstream is not None

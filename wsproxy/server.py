@@ -87,6 +87,7 @@ class Proxy:
             "pings_sent": 0,
             "pongs_received": 0,
             "keepalive_timeouts": 0,
+            "upstream_keepalive_timeouts": 0,
             "write_timeouts": 0,
         }
 
@@ -345,6 +346,10 @@ class Proxy:
     def keepalive_timeout(self, conn: Relay) -> None:
         self.stats["keepalive_timeouts"] += 1
         self.metrics.keepalive_timeouts.labels(route_label(conn)).inc()
+
+    def upstream_keepalive_timeout(self, conn: Relay) -> None:
+        self.stats["upstream_keepalive_timeouts"] += 1
+        self.metrics.upstream_keepalive_timeouts.labels(route_label(conn)).inc()
 
     def write_timeout(self, conn: Relay, side: str) -> None:
         self.stats["write_timeouts"] += 1

@@ -858,7 +858,7 @@ if __name__ == "__main__":  # pragma: no cover
 
 
 async def test_events_metrics_are_exported(events_proxy, publisher):
-    from tests.integration.test_operations import sample, scrape
+    from tests.support.admin import sample, scrape
 
     p = await events_proxy()
     async with ws_connect(p, EVENTS) as ws:

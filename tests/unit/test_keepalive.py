@@ -267,3 +267,15 @@ def test_first_ping_delay_extremes_and_spread() -> None:
 def test_timeout_sentinel() -> None:
     assert repr(TIMEOUT) == "TIMEOUT"
     assert type(TIMEOUT) is Timeout
+
+
+def test_slack_makes_an_early_wakeup_count_as_due() -> None:
+    """A timer that fires a little early (uvloop rounds to milliseconds) must find the
+    ping due, not re-arm for a moment later and spin."""
+    ka = KeepAlive(ping_interval=1.0, pong_wait=3.0, now=0.0, first_ping_delay=1.0, slack=0.002)
+    assert ka.poll(0.9985) == PING_PREFIX + (1).to_bytes(8, "big")
+    assert ka.next_ping_at == 2.0
+    assert ka.poll(1.997) is None  # earlier than the slack: not yet
+    assert ka.poll(2.9985) is TIMEOUT  # within the slack of the deadline (3.0)
+    with pytest.raises(ValueError):
+        KeepAlive(ping_interval=1.0, pong_wait=3.0, now=0.0, first_ping_delay=1.0, slack=-1)

@@ -33,6 +33,7 @@ from wsproxy.events.auth import AuthError, Authorizer
 from wsproxy.events.session import Session
 from wsproxy.keepalive import KeepAlive, first_ping_delay
 from wsproxy.logs import FIELDS
+from wsproxy.relay import TIMER_SLACK
 
 if TYPE_CHECKING:
     from wsproxy.http import RequestHead
@@ -187,6 +188,7 @@ class EventsHub:
             pong_wait=settings.pong_wait,
             now=relay.loop.time(),
             first_ping_delay=first_ping_delay(settings.ping_interval),
+            slack=TIMER_SLACK,
         )
         relay.ka = ka  # the admin view and the close log read it from the relay
         relay.settings = settings

@@ -1,0 +1,1 @@
+"""Network faults driven through toxiproxy (real server or the project's emulator)."""
