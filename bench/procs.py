@@ -205,7 +205,6 @@ class Wsproxy:
     ) -> None:
         self.dir = tempfile.TemporaryDirectory(prefix="wsproxy-bench-")
         self.port = free_port()
-        self.admin_port: int | None = None
         features = wsproxy_features(root)
         config = Path(self.dir.name) / "wsproxy.yaml"
         text = (
@@ -230,8 +229,7 @@ class Wsproxy:
         if "admin" in features:
             # Served as in production (metrics live), on a port of its own: the
             # default port would clash between two proxies.
-            self.admin_port = free_port()
-            text += f'admin:\n  listen: "{HOST}:{self.admin_port}"\n'
+            text += f'admin:\n  listen: "{HOST}:{free_port()}"\n'
         if "shutdown" in features:  # stop at once on SIGTERM (no drain delay)
             text += "shutdown:\n  drain_delay: 0s\n  close_spread: 0s\n  grace_period: 1s\n"
         if events_port is not None:

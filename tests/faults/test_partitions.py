@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 
 from tests.support import MS
-from tests.support.helpers import wait_until
+from tests.support.helpers import peak_during, wait_until
 from tests.support.rawclient import RawClient
 from tests.support.upstream import UpConn, echo, flood, record
 from tests.support.wire import (
@@ -326,25 +326,14 @@ async def test_slow_client_cut_after_write_wait(
     tp = await toxiproxy.create(p)
     await tp.add("bandwidth", "downstream", rate=4)
     cuts = p.stats["write_timeouts"]
-    baseline = peak = rss()
+    baseline = rss()
     loop = asyncio.get_running_loop()
     c = await client(tp)
     assert (await c.handshake(within=5000 * MS)).status == 101
     opened_at = loop.time()
     conn = await up.next_conn()
 
-    async def sample() -> None:
-        nonlocal peak
-        while True:
-            peak = max(peak, rss())
-            await asyncio.sleep(10 * MS)
-
-    sampler = loop.create_task(sample())
-    try:
-        code, reason = await conn.wait_closed(within=write_wait + 5000 * MS)
-    finally:
-        sampler.cancel()
-        await asyncio.gather(sampler, return_exceptions=True)
+    (code, reason), peak = await peak_during(rss, conn.wait_closed(within=write_wait + 5000 * MS))
     cut_at = loop.time()
 
     assert (code, reason) == (1001, "client write timeout")

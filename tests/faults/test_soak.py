@@ -32,20 +32,18 @@ import collections
 import contextlib
 import os
 import random
-import socket
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import yaml
 from websockets.exceptions import ConnectionClosed
 
 from tests.support import MS
 from tests.support.admin import scrape
 from tests.support.helpers import wait_until
+from tests.support.process import Process, free_port, start_wsproxy, write_config
 from tests.support.upstream import UpConn, WSUpstream
 from tests.support.wire import (
     OP_BINARY,
@@ -76,12 +74,6 @@ CHATTER_RATE = 200
 FLOODERS = 3
 FD_SETTLE = 15000 * MS
 MAX_RSS_GROWTH = 24 * 2**20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _fds(pid: int) -> int:
@@ -201,89 +193,35 @@ async def echo_or_flood(conn: UpConn) -> None:
         await conn.ws.send(msg)
 
 
-class Proc:
-    """``python -m wsproxy run`` as a subprocess; stderr kept for the failure message."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, port: int, admin: int) -> None:
-        self.proc, self.port = proc, port
-        self.admin = SimpleNamespace(port=admin)  # what tests.support.admin expects
-        self.lines: collections.deque[str] = collections.deque(maxlen=50)
-        self._reader = asyncio.get_running_loop().create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc.stderr is not None
-        while line := await self.proc.stderr.readline():
-            self.lines.append(line.decode(errors="replace").rstrip())
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    async def stop(self) -> int:
-        if self.proc.returncode is None:
-            self.proc.terminate()
-        try:
-            async with asyncio.timeout(15):
-                code = await self.proc.wait()
-        except TimeoutError:
-            self.proc.kill()
-            code = await self.proc.wait()
-        with contextlib.suppress(BaseException):
-            await self._reader
-        return code
-
-
-async def start_proxy(tmp_path: Path, upstream: str) -> Proc:
-    port, admin = _free_port(), _free_port()
+async def start_proxy(tmp_path: Path, upstream: str) -> tuple[Process, SimpleNamespace]:
+    """The real process, and what :func:`scrape` needs to reach its admin port."""
+    port, admin = free_port(), free_port()
     cfg = tmp_path / "soak.yaml"
-    cfg.write_text(
-        yaml.safe_dump(
-            {
-                "listen": f"127.0.0.1:{port}",
-                "upstream": {"url": upstream},
-                "routes": [{"path": "/ws"}],
-                "keepalive": {
-                    "ping_interval": f"{PING}s",
-                    "pong_wait": f"{PONG_WAIT}s",
-                    "write_wait": f"{WRITE_WAIT}s",
-                },
-                "limits": {"max_connections": 10000},
-                "admin": {"listen": f"127.0.0.1:{admin}"},
-                "shutdown": {"drain_delay": "0s", "close_spread": "0s", "grace_period": "2s"},
-                "log": {"level": "warning", "format": "json"},
-            }
-        )
+    write_config(
+        cfg,
+        upstream,
+        port,
+        admin,
+        keepalive={
+            "ping_interval": f"{PING}s",
+            "pong_wait": f"{PONG_WAIT}s",
+            "write_wait": f"{WRITE_WAIT}s",
+        },
+        limits={"max_connections": 10000},
+        shutdown={"drain_delay": "0s", "close_spread": "0s", "grace_period": "2s"},
+        log={"level": "warning", "format": "json"},
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "wsproxy",
-        "run",
-        "--config",
-        str(cfg),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
+    return await start_wsproxy(cfg, admin), SimpleNamespace(
+        port=port, admin=SimpleNamespace(port=admin)
     )
-    p = Proc(proc, port, admin)
-    deadline = time.monotonic() + 20
-    while True:
-        with contextlib.suppress(OSError):
-            _, w = await asyncio.open_connection("127.0.0.1", admin)
-            w.close()
-            break
-        assert proc.returncode is None, f"wsproxy exited: {list(p.lines)}"
-        assert time.monotonic() < deadline, f"wsproxy did not start: {list(p.lines)}"
-        await asyncio.sleep(0.05)
-    return p
 
 
 # --------------------------------------------------------------------------- the run
 
 
 class Soak:
-    def __init__(self, proxy: Proc, lanes: list[Any], upstream: WSUpstream) -> None:
-        self.proxy, self.lanes, self.up = proxy, lanes, upstream
+    def __init__(self, lanes: list[Any], upstream: WSUpstream) -> None:
+        self.lanes, self.up = lanes, upstream
         self.per_lane = CONNECTIONS // LANES
         self.clients: dict[tuple[int, int], SoakClient] = {}
         self.retired: list[SoakClient] = []
@@ -426,8 +364,8 @@ class Soak:
         while time.monotonic() < deadline:
             # Upstream connections already closed before this fault are not its own.
             self._seen_gone = {id(c) for c in self.up.conns if c.closed.done()}
-            kind = kinds[self.faults.total() % len(kinds)] if self.faults.total() < 4 else None
-            kind = kind or self.rng.choice(kinds)
+            done = self.faults.total()  # each kind once first, then at random
+            kind = kinds[done] if done < len(kinds) else self.rng.choice(kinds)
             await self.fault(self.rng.choice(faultable), kind)
             await asyncio.sleep(self.rng.uniform(0.5, 2.0))
 
@@ -438,13 +376,13 @@ async def test_soak(tmp_path: Path, toxiproxy: Any) -> None:
     assert CONNECTIONS % LANES == 0
     started = time.monotonic()
     async with WSUpstream(echo_or_flood, quiet=True, close_timeout=2000 * MS) as up:
-        proxy = await start_proxy(tmp_path, up.url)
+        proc, proxy = await start_proxy(tmp_path, up.url)
         try:
             await asyncio.sleep(0.5)
-            fds_before = _fds(proxy.pid)
-            rss_before = _rss(proxy.pid)
+            fds_before = _fds(proc.pid)
+            rss_before = _rss(proc.pid)
             lanes = [await toxiproxy.create(proxy) for _ in range(LANES)]
-            soak = Soak(proxy, lanes, up)
+            soak = Soak(lanes, up)
             await asyncio.gather(*(soak.open_lane(lane) for lane in range(LANES)))
             await wait_until(
                 lambda: len(up.conns) >= CONNECTIONS, within=30000 * MS, message="upstream"
@@ -453,27 +391,31 @@ async def test_soak(tmp_path: Path, toxiproxy: Any) -> None:
             stop = asyncio.Event()
             chatter = loop.create_task(soak.chatter(stop))
             await asyncio.sleep(2 * PING)  # warm: every connection pinged at least once
-            rss_warm = _rss(proxy.pid)
-            fds_warm = _fds(proxy.pid)
+            rss_warm = _rss(proc.pid)
+            fds_warm = _fds(proc.pid)
             try:
                 await soak.faults_until(started + SECONDS - 15)
             finally:
                 stop.set()
                 await chatter
-            await asyncio.sleep(2 * PING)  # last echoes home
+            control = [c for lane in CONTROL for c in soak.lane_clients(lane)]
+            await wait_until(
+                lambda: not any(c.pending for c in control),
+                within=10000 * MS,
+                interval=0.1,
+                message="every echo home on the control lanes",
+            )
             live = [c for c in soak.clients.values() if c.alive]
             assert len(live) == CONNECTIONS, (
                 f"{CONNECTIONS - len(live)} clients not open at the end"
             )
-            rss_end = _rss(proxy.pid)
-            fds_end_open = _fds(proxy.pid)
+            rss_end = _rss(proc.pid)
+            fds_end_open = _fds(proc.pid)
             samples = await scrape(proxy)
 
             # The control lanes: nothing lost, nothing reordered, nobody cut.
-            control = [c for lane in CONTROL for c in soak.lane_clients(lane)]
             assert not any(c in soak.retired for c in control)
             assert sum(c.mismatches for c in soak.clients.values()) == 0
-            assert all(not c.pending for c in control), "echoes missing on control lanes"
             assert all(c.pings >= 2 for c in control)
 
             # Every timeout wsproxy counted is one the test caused, and vice versa.
@@ -501,13 +443,13 @@ async def test_soak(tmp_path: Path, toxiproxy: Any) -> None:
 
             with contextlib.suppress(AssertionError):  # judged below, with the figures
                 await wait_until(
-                    lambda: _fds(proxy.pid) <= fds_before,
+                    lambda: _fds(proc.pid) <= fds_before,
                     within=FD_SETTLE,
                     interval=0.1,
                     message="fds",
                 )
-            fds_after = _fds(proxy.pid)
-            rss_after = _rss(proxy.pid)
+            fds_after = _fds(proc.pid)
+            rss_after = _rss(proc.pid)
             after = await scrape(proxy)
             ran = time.monotonic() - started
             report = (
@@ -528,5 +470,5 @@ async def test_soak(tmp_path: Path, toxiproxy: Any) -> None:
             assert fds_after <= fds_before, report
             assert rss_end - rss_warm < MAX_RSS_GROWTH, report
         finally:
-            code = await proxy.stop()
-        assert code == 0, list(proxy.lines)
+            code = await proc.stop()
+        assert code == 0, proc.lines

@@ -12,7 +12,7 @@ import os
 import statistics
 
 from tests.support import MS
-from tests.support.helpers import wait_until, ws_connect
+from tests.support.helpers import peak_during, wait_until, ws_connect
 from tests.support.upstream import echo, flood, record
 from tests.support.wire import OP_BINARY, OP_CONT, OP_TEXT, PROXY_PING_PREFIX, build_frame
 
@@ -213,25 +213,13 @@ async def test_client_not_reading_is_cut_after_write_wait(
     up = await ws_upstream(flood(chunk=64 * 1024, total=total))
     p = await proxy(make_config(up, keepalive__write_wait=write_wait))
     baseline = rss()
-    peak = baseline
     c = await client(p, rcvbuf=4096)
     loop = asyncio.get_running_loop()
     assert (await c.handshake(start_reader=False)).status == 101
     opened_at = loop.time()
     conn = await up.next_conn()
 
-    async def sample() -> None:
-        nonlocal peak
-        while True:
-            peak = max(peak, rss())
-            await asyncio.sleep(10 * MS)
-
-    sampler = loop.create_task(sample())
-    try:
-        code, _ = await conn.wait_closed(within=write_wait + 3000 * MS)
-    finally:
-        sampler.cancel()
-        await asyncio.gather(sampler, return_exceptions=True)
+    (code, _), peak = await peak_during(rss, conn.wait_closed(within=write_wait + 3000 * MS))
     cut_at = loop.time()
 
     assert code == 1001

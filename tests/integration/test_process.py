@@ -3,81 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from websockets.asyncio.client import connect
 
 from tests.support import MS
+from tests.support.process import Process, free_port, start_wsproxy, write_config
 from tests.support.rawclient import RawClient
 from tests.support.upstream import echo
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Process:
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.lines: list[str] = []
-        self._reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        assert self.proc.stderr is not None
-        while line := await self.proc.stderr.readline():
-            self.lines.append(line.decode(errors="replace").rstrip())
-
-    def records(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.lines:
-            with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
-        return out
-
-    async def wait_for_log(self, msg: str, within: float = 10.0, count: int = 1) -> None:
-        async with asyncio.timeout(within):
-            while sum(1 for r in self.records() if r.get("msg") == msg) < count:  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
-
-    async def wait(self, within: float) -> int:
-        async with asyncio.timeout(within):
-            code = await self.proc.wait()
-        await self._reader
-        return code
-
-    async def kill(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-        self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
-
-
-def write_config(path: Path, upstream_url: str, port: int, admin: int, **extra: Any) -> None:
-    data: dict[str, Any] = {
-        "listen": f"127.0.0.1:{port}",
-        "upstream": {"url": upstream_url},
-        "routes": [{"path": "/ws"}],
-        "keepalive": {"ping_interval": "30s", "pong_wait": "60s"},
-        "admin": {"listen": f"127.0.0.1:{admin}"},
-        "log": {"level": "debug", "format": "json"},
-    }
-    for key, value in extra.items():
-        data[key] = value
-    path.write_text(yaml.safe_dump(data))
 
 
 @pytest.fixture
@@ -88,20 +28,8 @@ async def run_proxy(tmp_path: Path) -> AsyncIterator[Any]:
         port, admin = free_port(), free_port()
         cfg = tmp_path / "config.yaml"
         write_config(cfg, upstream_url, port, admin, **extra)
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "wsproxy",
-            "run",
-            "--config",
-            str(cfg),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE,
-        )
-        p = Process(proc)
+        p = await start_wsproxy(cfg, admin)
         procs.append(p)
-        await p.wait_for_log("admin listening", within=20.0)
         return p, port, admin, cfg
 
     yield start

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.support import MS
+
+T = TypeVar("T")
 
 
 def ws_url(proxy: Any, path: str = "/ws", scheme: str = "ws") -> str:
@@ -49,3 +51,24 @@ async def wait_until(
 
 
 __all__ = ["ClientConnection", "wait_until", "ws_connect", "ws_url"]
+
+
+async def peak_during(
+    measure: Callable[[], int], aw: Awaitable[T], every: float = 10 * MS
+) -> tuple[T, int]:
+    """Await ``aw`` while sampling ``measure`` (e.g. RSS); its result and the peak seen."""
+    peak = measure()
+
+    async def sample() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, measure())
+            await asyncio.sleep(every)
+
+    sampler = asyncio.get_running_loop().create_task(sample())
+    try:
+        result = await aw
+    finally:
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
+    return result, max(peak, measure())
