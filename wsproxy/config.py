@@ -8,6 +8,7 @@ prints them and exits with status 2.
 from __future__ import annotations
 
 import copy
+import ipaddress
 import math
 import re
 from collections.abc import Mapping
@@ -34,6 +35,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Duration",
+    "ForwardedSettings",
     "KeepaliveOverride",
     "KeepaliveSettings",
     "Limits",
@@ -349,6 +351,10 @@ class Upstream(BaseModel):
 
     url: Annotated[str, AfterValidator(_check_upstream_url)]
     connect_timeout: Duration = 5.0
+    #: The response head to a passthrough request (anything but an upgrade on a route,
+    #: which keeps ``limits.handshake_timeout``) must arrive within this after the
+    #: request was sent in full; else 504. nginx's ``proxy_read_timeout`` is 60 s.
+    response_timeout: Duration = 60.0
     tls: UpstreamTLS = UpstreamTLS()
     gone_close_code: Literal[1011, 1012] = 1011
     keepalive: UpstreamKeepalive | None = None
@@ -443,6 +449,36 @@ class Limits(BaseModel):
     max_connections_per_ip: Annotated[int | None, BeforeValidator(_no_bool)] = Field(
         default=None, gt=0
     )
+    #: A client connection with no request in progress is closed after this much
+    #: silence (nginx's ``keepalive_timeout`` is 75 s).
+    idle_timeout: Duration = 75.0
+
+
+def _check_network(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(
+            f"invalid address or CIDR {_show(value)} (use e.g. 10.0.0.0/8, 127.0.0.1 or ::1)"
+        ) from None
+    return value
+
+
+class ForwardedSettings(BaseModel):
+    """Which peers may tell us the client's address (X-Forwarded-For, Forwarded,
+    X-Real-IP); the model is uvicorn's ``--forwarded-allow-ips`` and nginx's
+    ``set_real_ip_from``. Default: nobody, so every client-sent forwarding header is
+    replaced."""
+
+    model_config = _MODEL
+
+    trusted_proxies: list[Annotated[str, AfterValidator(_check_network)]] = Field(
+        default_factory=list
+    )
+
+    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        """``trusted_proxies`` as networks (a plain address is a /32 or /128)."""
+        return [ipaddress.ip_network(v, strict=False) for v in self.trusted_proxies]
 
 
 class LogSettings(BaseModel):
@@ -536,6 +572,9 @@ class JwtSettings(BaseModel):
     algorithms: list[str] = Field(default_factory=lambda: ["HS256"], min_length=1)
     audience: str | None = None
     issuer: str | None = None
+    #: Claims a token must carry (PyJWT's ``options.require``); ``exp`` by default, so
+    #: that no token is valid forever. ``[]`` accepts tokens without ``exp``.
+    require: list[str] = Field(default_factory=lambda: ["exp"])
 
     @model_validator(mode="after")
     def _one_secret(self) -> JwtSettings:
@@ -580,6 +619,14 @@ class EventsSettings(BaseModel):
     queue_bytes: Size = 8 * 1024 * 1024
     overflow: Annotated[Literal["close", "drop_oldest"], BeforeValidator(_lower)] = "close"
     max_topics_per_connection: Annotated[int, BeforeValidator(_no_bool)] = Field(default=64, gt=0)
+    #: A topic longer than this (UTF-8 bytes) is refused with an error frame before it
+    #: reaches the event source (libzmq crashed on very long UNSUBSCRIBE topics).
+    max_topic_bytes: Annotated[int, BeforeValidator(_no_bool)] = Field(default=256, gt=0)
+    #: The largest client message on an events route, fragments included (1009 above).
+    max_message_bytes: Size = 64 * 1024
+    #: Origins allowed when the token comes from a cookie (cross-site WebSocket
+    #: hijacking); an exact match of the Origin header, e.g. ``https://app.example.com``.
+    allowed_origins: list[str] = Field(default_factory=list)
 
 
 def _merge(base: KeepaliveSettings, override: KeepaliveOverride | None) -> KeepaliveSettings:
@@ -606,6 +653,7 @@ class Config(BaseModel):
     shutdown: ShutdownSettings = ShutdownSettings()
     zmq: ZmqSettings | None = None
     events: EventsSettings | None = None
+    forwarded: ForwardedSettings = ForwardedSettings()
 
     _by_path: dict[str, tuple[Route, KeepaliveSettings]] = PrivateAttr(default_factory=dict)
 
