@@ -476,9 +476,26 @@ class ForwardedSettings(BaseModel):
         default_factory=list
     )
 
-    def networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    _networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = PrivateAttr(())
+
+    def model_post_init(self, context: Any, /) -> None:
+        self._networks = tuple(ipaddress.ip_network(v, strict=False) for v in self.trusted_proxies)
+
+    def networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         """``trusted_proxies`` as networks (a plain address is a /32 or /128)."""
-        return [ipaddress.ip_network(v, strict=False) for v in self.trusted_proxies]
+        return self._networks
+
+    def trusts(self, ip: str) -> bool:
+        """Whether the peer address ``ip`` is one of the trusted proxies."""
+        if not self._networks:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self._networks)
 
 
 class LogSettings(BaseModel):
@@ -564,6 +581,59 @@ class ZmqSettings(BaseModel):
     bind: bool = False
 
 
+#: PyJWT's algorithm names (its docs, "Digital Signature Algorithms"), by family. A
+#: fixed list rather than ``jwt.algorithms.get_default_algorithms()``: that one shrinks
+#: to HS* without the ``cryptography`` package, which would call RS256 "unknown"; the
+#: events route checks at start that PyJWT can actually verify the configured ones.
+JWT_HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+JWT_PUBLIC_KEY_ALGORITHMS = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES256K",
+    "ES384",
+    "ES512",
+    "ES521",
+    "EdDSA",
+)
+_JWT_KNOWN = {a.lower(): a for a in JWT_HMAC_ALGORITHMS + JWT_PUBLIC_KEY_ALGORITHMS}
+
+
+def _algorithm_errors(algorithms: list[str]) -> list[str]:
+    """What is wrong with a JWT algorithm list, one message per problem.
+
+    ``none`` would accept unsigned tokens. HMAC next to a public-key family is the
+    algorithm-confusion attack (RFC 8725 section 2.1): with one key configured, a token
+    signed HS256 with the *public* key, which anyone may hold, would verify.
+    """
+    errors: list[str] = []
+    for name in algorithms:
+        if name.lower() == "none":
+            errors.append(f"{_show(name)} is not allowed: it accepts unsigned tokens")
+        elif name not in JWT_HMAC_ALGORITHMS and name not in JWT_PUBLIC_KEY_ALGORITHMS:
+            hint = _JWT_KNOWN.get(name.lower())
+            errors.append(
+                f"unknown algorithm {_show(name)} (did you mean {_show(hint)}?)"
+                if hint is not None
+                else f"unknown algorithm {_show(name)} (known: "
+                + ", ".join(JWT_HMAC_ALGORITHMS + JWT_PUBLIC_KEY_ALGORITHMS)
+                + ")"
+            )
+    hmac = [a for a in algorithms if a in JWT_HMAC_ALGORITHMS]
+    public = [a for a in algorithms if a in JWT_PUBLIC_KEY_ALGORITHMS]
+    if hmac and public:
+        errors.append(
+            f"mixes HMAC ({', '.join(hmac)}) with public-key algorithms "
+            f"({', '.join(public)}): use one family, the key is either a shared secret "
+            "or a public key"
+        )
+    return errors
+
+
 class JwtSettings(BaseModel):
     model_config = _MODEL
 
@@ -574,12 +644,16 @@ class JwtSettings(BaseModel):
     issuer: str | None = None
     #: Claims a token must carry (PyJWT's ``options.require``); ``exp`` by default, so
     #: that no token is valid forever. ``[]`` accepts tokens without ``exp``.
-    require: list[str] = Field(default_factory=lambda: ["exp"])
+    require: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=lambda: ["exp"])
 
     @model_validator(mode="after")
-    def _one_secret(self) -> JwtSettings:
+    def _check(self) -> JwtSettings:
+        errors: list[tuple[tuple[str | int, ...], str]] = []
         if (self.secret_env is None) == (self.secret_file is None):
-            raise _KeyErrors([(("secret_env",), "set exactly one of secret_env or secret_file")])
+            errors.append((("secret_env",), "set exactly one of secret_env or secret_file"))
+        errors += [(("algorithms",), msg) for msg in _algorithm_errors(self.algorithms)]
+        if errors:
+            raise _KeyErrors(errors)
         return self
 
 
@@ -611,6 +685,39 @@ def _events_auth(v: object) -> object:
         raise _KeyErrors(_error_items(exc)) from None
 
 
+#: libzmq walks a subscription one recursion level per byte (its trie), so a long
+#: topic overflows the stack: 120 000 bytes crashed it with an 8 MiB stack, and threads
+#: with smaller stacks crash sooner. Topics are bounded far below that.
+MAX_TOPIC_BYTES_LIMIT = 1024
+
+
+def _check_origin(value: str) -> str:
+    """An ``allowed_origins`` entry: an origin exactly as a browser serializes it in the
+    ``Origin`` header (RFC 6454 section 6.2): ``scheme://host[:port]``, lower case,
+    no default port, no path, no trailing slash. Anything else would never match."""
+    hint = f"must be an origin like 'https://app.example.com' (got {_show(value)})"
+    try:
+        u = urlsplit(value)
+        port = u.port
+    except ValueError:
+        raise ValueError(hint) from None
+    if not u.scheme or not u.hostname or u.username is not None:
+        raise ValueError(hint)
+    if "*" in value:
+        raise ValueError(f"wildcards are not supported, list each origin (got {_show(value)})")
+    # urlsplit lowers the scheme and the host already.
+    host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
+    default = {"http": 80, "https": 443}.get(u.scheme)
+    canonical = f"{u.scheme}://{host}"
+    if port is not None and port != default:
+        canonical += f":{port}"
+    if value != canonical:
+        raise ValueError(
+            f"must be exactly what browsers send in Origin: {_show(canonical)} (got {_show(value)})"
+        )
+    return value
+
+
 class EventsSettings(BaseModel):
     model_config = _MODEL
 
@@ -621,12 +728,16 @@ class EventsSettings(BaseModel):
     max_topics_per_connection: Annotated[int, BeforeValidator(_no_bool)] = Field(default=64, gt=0)
     #: A topic longer than this (UTF-8 bytes) is refused with an error frame before it
     #: reaches the event source (libzmq crashed on very long UNSUBSCRIBE topics).
-    max_topic_bytes: Annotated[int, BeforeValidator(_no_bool)] = Field(default=256, gt=0)
+    max_topic_bytes: Annotated[int, BeforeValidator(_no_bool)] = Field(
+        default=256, gt=0, le=MAX_TOPIC_BYTES_LIMIT
+    )
     #: The largest client message on an events route, fragments included (1009 above).
     max_message_bytes: Size = 64 * 1024
     #: Origins allowed when the token comes from a cookie (cross-site WebSocket
     #: hijacking); an exact match of the Origin header, e.g. ``https://app.example.com``.
-    allowed_origins: list[str] = Field(default_factory=list)
+    allowed_origins: list[Annotated[str, AfterValidator(_check_origin)]] = Field(
+        default_factory=list
+    )
 
 
 def _merge(base: KeepaliveSettings, override: KeepaliveOverride | None) -> KeepaliveSettings:

@@ -5,11 +5,16 @@ A :class:`Relay` is the client connection's ``asyncio.Protocol``; a small
 one object owns exactly one client side and one upstream side (the shape of
 Pushpin's ``WsProxySession``).
 
-Lifecycle::
+Lifecycle (one client connection carries any number of HTTP exchanges)::
 
-    HEAD ──▶ CONNECTING ──▶ RESPONSE ──▶ RELAY  (101 on a keep-alive route)
-      │                        └──────▶ TUNNEL (anything else: bytes both ways)
-      └──▶ error response (400/404/426/431/502/503/504) and close
+    HEAD ──▶ CONNECTING ──▶ EXCHANGE ──▶ HEAD (response complete, keep-alive)
+      │          (no upstream yet)  ├──▶ RELAY  (101 to an upgrade on a relay route)
+      │                             └──▶ TUNNEL (101 to any other upgrade)
+      ├──▶ EVENTS (an upgrade on an events route: wsproxy.events takes over)
+      └──▶ error response (400/404/405/408/426/429/431/502/503/504), then close
+
+Every request head is routed and policed the same way (not only the first); the
+message boundaries of requests and responses come from :mod:`wsproxy.exchange`.
 
 In RELAY the byte streams are forwarded chunk by chunk; the two
 :class:`~wsproxy.frames.FrameScanner` objects only read frame headers, so the proxy
@@ -32,7 +37,15 @@ import time
 from typing import TYPE_CHECKING, Any, cast
 
 from wsproxy import frames, http
+from wsproxy.exchange import (
+    MessageEnd,
+    RequestEvent,
+    RequestStream,
+    ResponseEvent,
+    ResponseStream,
+)
 from wsproxy.frames import ControlFrame, FrameScanner
+from wsproxy.http import HEAD_END, RequestHead, ResponseHead
 from wsproxy.keepalive import TIMEOUT, KeepAlive, first_ping_delay, is_own_pong
 from wsproxy.logs import FIELDS
 
@@ -65,15 +78,23 @@ def _tick(when: float, interval: float) -> float:
 
 _rng = random.Random()
 
+#: A connection over a limit at accept is read this long at most (for its head), then
+#: answered 429/503: answering before the request arrives risks a reset that loses it.
+REFUSE_READ = 1.0
+
 
 class State(enum.Enum):
-    HEAD = "head"
-    CONNECTING = "connecting"
-    RESPONSE = "response"
-    RELAY = "relay"
-    TUNNEL = "tunnel"
+    HEAD = "head"  # waiting for, or reading, a request head
+    CONNECTING = "connecting"  # a request waits for the upstream connection
+    EXCHANGE = "exchange"  # a request forwarded: its body and response in flight
+    RELAY = "relay"  # after a 101 on a relay route: frames, keep-alive
+    TUNNEL = "tunnel"  # after a 101 elsewhere: bytes both ways
     EVENTS = "events"  # handed to wsproxy.events: the transport has a new protocol
+    REFUSING = "refusing"  # over a limit at accept: a short read, then 429/503
     CLOSED = "closed"
+
+
+_HTTP_STATES = frozenset((State.HEAD, State.CONNECTING, State.EXCHANGE))
 
 
 class _UpstreamProtocol(asyncio.Protocol):
@@ -114,21 +135,30 @@ class Relay(asyncio.Protocol):
     # Slots: tens of thousands of these live at once; a __dict__ each would double them.
     __slots__ = (
         "_client_close_sent",
+        "_client_eof",
         "_client_lost",
         "_client_wdl",
         "_close_timer",
         "_connect_task",
+        "_deadline_kind",
+        "_events_request",
         "_finished",
         "_handshake_timer",
-        "_head",
         "_held",
+        "_keep",
         "_life_timer",
         "_pending_ping",
         "_pending_uping",
+        "_req_done",
+        "_resp_done",
+        "_resp_started",
+        "_server_name",
         "_timer",
+        "_up_paused",
         "_upstream_close_sent",
         "_upstream_eof",
         "_upstream_lost",
+        "_upstream_ssl",
         "_upstream_wdl",
         "_utimer",
         "bytes_in",
@@ -143,9 +173,14 @@ class Relay(asyncio.Protocol):
         "ip",
         "ka",
         "loop",
+        "method",
         "path",
         "peer",
+        "peer_ip",
         "proxy",
+        "reqs",
+        "requests",
+        "resps",
         "route",
         "settings",
         "started",
@@ -159,21 +194,39 @@ class Relay(asyncio.Protocol):
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
-        self.config = proxy.config
+        # One snapshot per connection (a SIGHUP must not pair the old upstream with the
+        # new TLS context mid-handshake); open relays still take new keep-alive
+        # settings through _reconfigure.
+        self.config = config = proxy.config
+        self._upstream_ssl = proxy.upstream_ssl
+        self._server_name = proxy.upstream_server_name
         self.loop = asyncio.get_running_loop()
         self.id = next(_ids)
         self.state = State.HEAD
         self.started = _now()
         self.peer = ""
-        self.ip = ""
-        self.route: Route | None = None
+        self.peer_ip = ""  # the TCP peer's address
+        self.ip = ""  # the client's address: the peer's, or forwarded by a trusted proxy
+        self.route: Route | None = None  # the relay route of the current request, if any
         self.path = ""
+        self.method = ""
+        self.requests = 0
         self.client: asyncio.Transport | None = None
         self.upstream: asyncio.Transport | None = None
-        self._head = bytearray()
-        self._held = bytearray()  # client bytes that arrived before the upstream answered
+        limit = config.limits.max_header_bytes
+        self.reqs = RequestStream(limit)
+        self.resps = ResponseStream(limit)
+        self._held = bytearray()  # request bytes waiting for the upstream connection
         self._connect_task: asyncio.Task[None] | None = None
-        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._handshake_timer: asyncio.TimerHandle | None = None  # the HTTP deadline
+        self._deadline_kind = "head"
+        self._req_done = False  # the current request has been read in full
+        self._resp_done = False  # ... and its response forwarded in full
+        self._resp_started = False  # its final response head went to the client
+        self._keep = True  # both messages of this exchange allow another one
+        self._client_eof = False
+        self._up_paused = False  # the upstream's write buffer is full
+        self._events_request: RequestHead | None = None  # an upgrade on an events route
         # Keep-alive and closing (RELAY only)
         self.ka: KeepAlive | None = None
         self.settings: KeepaliveSettings | None = None
@@ -192,13 +245,13 @@ class Relay(asyncio.Protocol):
         self._client_lost = False
         self._upstream_lost = False
         self._upstream_eof = False
-        self.counted = False  # past the handshake: shows in the active gauge and /connections
+        self.counted = False  # past a handshake: shows in the active gauge and /connections
         self._life_timer: asyncio.TimerHandle | None = None
         # Optional pings toward the upstream (upstream.keepalive).
         self.uka: KeepAlive | None = None
         self._utimer: asyncio.TimerHandle | None = None
         self._pending_uping: bytes | None = None
-        self.bytes_in = 0  # client -> upstream, counted in TUNNEL/RELAY
+        self.bytes_in = 0  # client -> upstream, counted outside RELAY
         self.bytes_out = 0
         self.status: int | None = None
         self._finished = False
@@ -209,14 +262,16 @@ class Relay(asyncio.Protocol):
         self.client = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
-            self.ip = str(peer[0])
+            self.ip = self.peer_ip = str(peer[0])
             self.peer = f"{peer[0]}:{peer[1]}"
         else:
-            self.ip = self.peer = str(peer or "")
-        self.proxy.connection_opened(self)
-        self._handshake_timer = self.loop.call_later(
-            self.config.limits.handshake_timeout, self._handshake_timed_out
-        )
+            self.ip = self.peer_ip = self.peer = str(peer or "")
+        refused = self.proxy.admit(self)
+        if refused is not None:
+            self._refuse_at_accept(*refused)
+            return
+        # The first request's head is due within handshake_timeout of the accept.
+        self._arm_deadline("head", self.config.limits.handshake_timeout)
 
     def data_received(self, data: bytes) -> None:
         state = self.state
@@ -226,31 +281,38 @@ class Relay(asyncio.Protocol):
             self.bytes_in += len(data)
             if self.upstream is not None:
                 self.upstream.write(data)
-        elif state is State.HEAD:
-            self._head_data(data)
-        elif state is not State.CLOSED:
-            # Bytes before the upstream's 101: a WebSocket client may not send frames
-            # yet, an HTTP client may be streaming a body. Hold them (bounded: we stop
-            # reading the client while the upstream is being reached).
-            self._held += data
+        elif state is State.HEAD or state is State.EXCHANGE or state is State.CONNECTING:
+            self._client_http(data)
+        elif state is State.REFUSING:
+            self._refusing_data(data)
+        # EVENTS (the session is the transport's protocol now) or CLOSED: nothing.
 
     def eof_received(self) -> bool | None:
-        # An HTTP client may half-close after its request; keep the response path
-        # open until the upstream has finished too.
+        state = self.state
         up = self.upstream
-        if (
-            self.state is State.TUNNEL
-            and up is not None
-            and not self._upstream_eof
-            and up.can_write_eof()
-        ):
-            up.write_eof()
+        if state is State.TUNNEL:
+            # A client may half-close after its request; keep the response path open
+            # until the upstream has finished too.
+            if up is not None and not self._upstream_eof and up.can_write_eof():
+                up.write_eof()
+                return True
+            return None
+        if (state is State.EXCHANGE or state is State.CONNECTING) and self._req_done:
+            # Half-closed after a complete request: answer it, then close.
+            self._client_eof = True
             return True
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._client_lost = True
         self._cancel(self._client_wdl)
+        if self.state is State.REFUSING:
+            self._cancel(self._handshake_timer)
+            self._handshake_timer = None
+            self._finished = True
+            self.state = State.CLOSED
+            self.proxy.refusal_ended(self)
+            return
         if self.state is State.RELAY:
             if self.client_code is None and not self._client_close_sent:
                 self.closed_by = self.closed_by or "client_gone"
@@ -260,8 +322,9 @@ class Relay(asyncio.Protocol):
                     self._close_upstream(1001, "client went away")
                 else:
                     self._arm_close_timer()
-        elif self.upstream is not None and not self._upstream_lost:
-            self.upstream.close()
+        else:
+            # Whatever the upstream still has to say has nobody to go to.
+            self._abort_upstream()
         if self._connect_task is not None:
             self._connect_task.cancel()
         self._maybe_finish()
@@ -281,31 +344,130 @@ class Relay(asyncio.Protocol):
         if self.upstream is not None and not self._upstream_lost:
             self.upstream.resume_reading()
 
-    # ------------------------------------------------------------------ handshake
-
-    def _head_data(self, data: bytes) -> None:
-        self._head += data
-        try:
-            end = http.find_head_end(self._head, self.config.limits.max_header_bytes)
-            if end < 0:
-                return
-            req = http.parse_request_head(bytes(self._head[:end]))
-        except http.HttpError as e:
-            self._reject(e.status, e.reason)
+    def _client_reading(self) -> None:
+        """Read the client unless something holds it: the upstream's full buffer, a
+        connect in progress, or a complete request whose response is still coming (a
+        pipelined request waits, unread, in the socket: bounded by the kernel)."""
+        cl = self.client
+        if cl is None or self._client_lost or cl.is_closing():
             return
-        self._held += self._head[end:]
-        self._head.clear()
+        state = self.state
+        hold = self._up_paused or state is State.CONNECTING
+        if not hold and state is State.EXCHANGE:
+            hold = self._req_done
+        if hold:
+            cl.pause_reading()
+        else:
+            cl.resume_reading()
+
+    # ------------------------------------------------------------------ admission
+
+    def _refuse_at_accept(self, status: int, message: str) -> None:
+        """Over a connection limit: read briefly (so that the answer is not lost to a
+        reset from unread request bytes), then answer ``status`` and close."""
+        self.state = State.REFUSING
+        self.status = status
+        self.proxy.refusing.add(self)
+        self._held = bytearray(message.encode())
+        wait = min(REFUSE_READ, self.config.limits.handshake_timeout)
+        self._handshake_timer = self.loop.call_later(wait, self._refuse_now)
+
+    def _refusing_data(self, data: bytes) -> None:
+        # Only the end of the head matters; the bytes themselves are dropped.
+        if HEAD_END in data or len(data) >= self.config.limits.max_header_bytes:
+            self._refuse_now()
+
+    def _refuse_now(self) -> None:
+        self._cancel(self._handshake_timer)
+        self._handshake_timer = None
+        cl = self.client
+        if self.state is not State.REFUSING or cl is None or cl.is_closing():
+            return
+        status = self.status or 503
+        self.proxy.refused_at_accept(self, status)
+        cl.write(http.error_response(status, self._held.decode()))
+        self._held.clear()
+        cl.close()
+
+    # ------------------------------------------------------------------ HTTP exchanges
+
+    def _arm_deadline(self, kind: str, delay: float) -> None:
+        self._cancel(self._handshake_timer)
+        self._deadline_kind = kind
+        self._handshake_timer = self.loop.call_later(delay, self._deadline_passed)
+
+    def _stop_handshake_timer(self) -> None:
+        self._cancel(self._handshake_timer)
+        self._handshake_timer = None
+
+    def _deadline_passed(self) -> None:
+        self._handshake_timer = None
+        kind = self._deadline_kind
+        state = self.state
+        if state is State.HEAD:
+            if kind == "idle":
+                # Nothing in progress: close quietly (nginx's keepalive_timeout).
+                self.closed_by = "proxy:idle_timeout"
+                self._close_quietly()
+            else:
+                self._reject(408, "request head not received in time")
+        elif state is State.CONNECTING or state is State.EXCHANGE:
+            if self._resp_started:
+                return
+            if kind == "response" and not self._req_done:
+                self._reject(408, "request body not received in time")
+            else:
+                self._reject(504, "upstream did not answer in time")
+
+    def _client_http(self, data: bytes) -> None:
+        reqs = self.reqs
+        if self._deadline_kind == "idle" and self.state is State.HEAD and data:
+            # The next request has begun: its head is due within handshake_timeout.
+            self._arm_deadline("head", self.config.limits.handshake_timeout)
+        try:
+            events = reqs.feed(data)
+        except http.HttpError as e:
+            self._bad_request(e)
+            return
+        self._request_events(events)
+
+    def _request_events(self, events: list[RequestEvent]) -> None:
+        for ev in events:
+            if self.state not in _HTTP_STATES:
+                return  # refused, or handed over: the rest is not ours to forward
+            t = type(ev)
+            if t is RequestHead:
+                self._on_request(cast(RequestHead, ev))
+            elif t is MessageEnd:
+                self._request_end(cast(MessageEnd, ev))
+            else:
+                self._to_upstream(cast(bytes, ev))
+
+    def _bad_request(self, e: http.HttpError) -> None:
+        if self._resp_started:
+            # The response is under way: no status can be sent any more.
+            self.closed_by = "proxy:bad_request"
+            self.abort()
+        else:
+            self._reject(e.status, e.reason)
+
+    def _on_request(self, req: RequestHead) -> None:
+        self.requests += 1
         self.path = req.path
-        route = self.config.route_for(req.path)
+        self.method = req.method
+        self.status = None
+        self.route = None
+        self._req_done = self._resp_done = self._resp_started = False
+        self._keep = True
+        config = self.config
+        if self.trusted_peer():
+            ip = http.client_address(req, self.peer_ip, config.forwarded.networks())
+            if ip != self.ip and not self.proxy.readdress(self, ip):
+                self._reject(429, "too many connections from this address")
+                return
+        route = config.route_for(req.path)
         if self.proxy.closing:
             self._reject(503, "shutting down")
-            return
-        if self.proxy.active > self.config.limits.max_connections:
-            self._reject(503, "too many connections")
-            return
-        per_ip = self.config.limits.max_connections_per_ip
-        if per_ip is not None and self.proxy.per_ip[self.ip] > per_ip:
-            self._reject(429, "too many connections from this address")
             return
         if req.method == "CONNECT":
             # Only ever the configured upstream: never a tunnel to a place the client names.
@@ -317,60 +479,123 @@ class Relay(asyncio.Protocol):
             return
         upgrade = req.is_websocket_upgrade
         if route is not None and route.mode == "events":
-            # wsproxy is the endpoint here: no upstream connection at all.
+            # wsproxy is the endpoint here: the hand-over happens at the message's end.
             if not upgrade:
                 self._reject(426, "WebSocket upgrade required", [("Upgrade", "websocket")])
                 return
-            self._stop_handshake_timer()
             self.route = route
-            self.state = State.EVENTS
-            hub = self.proxy.events
-            assert hub is not None  # created at start when a route has mode: events
-            held = bytes(self._held)
-            self._held.clear()
-            hub.accept(self, req, held)
+            self._events_request = req
             return
-        if self.config.passthrough == "off":
+        if config.passthrough == "off":
             if route is None:
                 self._reject(404, "no such route")
                 return
             if not upgrade:
                 self._reject(426, "WebSocket upgrade required", [("Upgrade", "websocket")])
                 return
-        self.route = route if upgrade else None
-        proto = "https" if self.client is not None and self._client_tls() else "http"
-        head = http.forwarded_head(req, peer_ip=self.ip, proto=proto)
-        assert self.client is not None
-        self.client.pause_reading()
+        if upgrade and route is not None:
+            self.route = route
+            # The upgrade keeps the head's deadline (handshake_timeout) up to the 101.
+            if self._deadline_kind != "head":
+                self._arm_deadline("head", config.limits.handshake_timeout)
+        else:
+            self._arm_deadline("response", config.upstream.response_timeout)
+        up = self.upstream
+        reuse = up is not None and not self._upstream_lost and not self._upstream_eof
+        if not reuse:
+            self._abort_upstream()
+            self._forget_upstream()
+        self.resps.expect(req.method, upgrade=upgrade)
+        proto = "https" if self._client_tls() else "http"
+        head = http.forwarded_head(
+            req,
+            peer_ip=self.peer_ip,
+            proto=proto,
+            trusted=self.trusted_peer(),
+            client_ip=self.ip,
+        )
+        if reuse:
+            assert up is not None
+            self.state = State.EXCHANGE
+            self.bytes_in += len(head)
+            up.write(head)
+            return
         self.state = State.CONNECTING
-        self._connect_task = self.loop.create_task(self._connect(head))
+        self._held += head
+        self._client_reading()
+        task = self._connect_task = self.loop.create_task(self._connect())
+        # A done callback runs even for a task cancelled before its first step, so the
+        # relay's cleanup never depends on the coroutine having started.
+        task.add_done_callback(self._connect_done)
+
+    def _to_upstream(self, data: bytes) -> None:
+        if self.state is State.CONNECTING:
+            self._held += data
+            return
+        up = self.upstream
+        if up is not None and not self._upstream_lost:
+            self.bytes_in += len(data)
+            up.write(data)
+        if self._deadline_kind == "response" and not self._resp_started:
+            # The client is still sending: the response deadline counts from its end.
+            self._arm_deadline("response", self.config.upstream.response_timeout)
+
+    def _request_end(self, end: MessageEnd) -> None:
+        self._req_done = True
+        self._keep = self._keep and end.keep_alive
+        events_req = self._events_request
+        if events_req is not None:
+            self._events_request = None
+            self._hand_to_events(events_req)
+            return
+        if self._deadline_kind == "response" and not self._resp_started:
+            self._arm_deadline("response", self.config.upstream.response_timeout)
+        self._client_reading()
+        if self._resp_done:
+            self._exchange_done()
+
+    def _hand_to_events(self, req: RequestHead) -> None:
+        self._stop_handshake_timer()
+        self._abort_upstream()
+        self._forget_upstream()
+        self.state = State.EVENTS
+        hub = self.proxy.events
+        assert hub is not None  # created at start when a route has mode: events
+        hub.accept(self, req, self.reqs.take_pending())
 
     def _client_tls(self) -> bool:
-        assert self.client is not None
-        return self.client.get_extra_info("sslcontext") is not None
+        cl = self.client
+        return cl is not None and cl.get_extra_info("sslcontext") is not None
 
-    def _handshake_timed_out(self) -> None:
-        self._handshake_timer = None
-        if self.state is State.HEAD:
-            self._reject(408, "request head not received in time")
-        elif self.state in (State.CONNECTING, State.RESPONSE):
-            self._reject(504, "upstream did not answer in time")
+    def trusted_peer(self) -> bool:
+        """Whether the TCP peer is a trusted proxy (``forwarded.trusted_proxies``)."""
+        return self.config.forwarded.trusts(self.peer_ip)
 
     def _reject(
         self, status: int, message: str, headers: list[tuple[str, str]] | None = None
     ) -> None:
+        """Answer the current request ourselves (``Connection: close``) and close."""
         self.status = status
         self.proxy.handshake_refused(self, status)
-        if self.client is not None and not self.client.is_closing():
-            self.client.write(http.error_response(status, message, headers or ()))
-            self.client.close()
-        if self.upstream is not None:
-            self.upstream.abort()
+        cl = self.client
+        if cl is not None and not cl.is_closing():
+            cl.write(http.error_response(status, message, headers or ()))
+            cl.close()
+        self._abort_upstream()
         if self._connect_task is not None:
             self._connect_task.cancel()
         self.state = State.CLOSED
+        self._maybe_finish()
 
-    async def _connect(self, head: bytes) -> None:
+    def _close_quietly(self) -> None:
+        cl = self.client
+        if cl is not None and not cl.is_closing():
+            cl.close()
+        self._abort_upstream()
+        self.state = State.CLOSED
+        self._maybe_finish()
+
+    async def _connect(self) -> None:
         up = self.config.upstream
         failure: tuple[str, int, str] | None = None
         try:
@@ -379,8 +604,8 @@ class Relay(asyncio.Protocol):
                     lambda: _UpstreamProtocol(self),
                     up.host,
                     up.port,
-                    ssl=self.proxy.upstream_ssl,
-                    server_hostname=self.proxy.upstream_server_name,
+                    ssl=self._upstream_ssl,
+                    server_hostname=self._server_name,
                 )
         except TimeoutError:
             failure = ("timeout", 504, "upstream connect timeout")
@@ -389,66 +614,165 @@ class Relay(asyncio.Protocol):
         except OSError:
             failure = ("refused", 502, "upstream unreachable")
         except asyncio.CancelledError:
-            # The client left while we were connecting.
-            if self.upstream is not None:
-                self.upstream.abort()
+            # The client left (or the proxy closed) while we were connecting; a
+            # transport made in the meantime may never report connection_lost.
+            self._abort_upstream()
             raise
-        finally:
-            self._connect_task = None
-            if self._client_lost:
-                if self.upstream is not None and not self._upstream_lost:
-                    self.upstream.abort()
-                self._maybe_finish()
         if failure is not None:
-            self.proxy.upstream_error(self, failure[0])
-            self._reject(failure[1], failure[2])
+            if self.state is State.CONNECTING:
+                self.proxy.upstream_error(self, failure[0])
+                self._reject(failure[1], failure[2])
             return
-        if self.state is not State.CONNECTING or self.upstream is None:
+        if self.state is not State.CONNECTING or self.upstream is None or self._upstream_lost:
+            if self.state is State.CONNECTING:
+                self.proxy.upstream_error(self, "closed")
+                self._reject(502, "upstream closed the connection")
+            else:
+                self._abort_upstream()
             return
-        self.upstream.write(head)
-        if self.route is None:
-            self._start_tunnel(b"")
-        else:
-            self.state = State.RESPONSE
+        self.state = State.EXCHANGE
+        held = bytes(self._held)
+        self._held.clear()
+        self.bytes_in += len(held)
+        self.upstream.write(held)
+        self._client_reading()
+
+    def _connect_done(self, task: asyncio.Task[None]) -> None:
+        self._connect_task = None
+        if not task.cancelled() and task.exception() is not None:  # pragma: no cover - a bug
+            log.error("connect failed", exc_info=task.exception())
+            self.abort()
+        self._maybe_finish()
 
     def upstream_made(self, transport: asyncio.Transport) -> None:
-        self.upstream = transport
-
-    def _response_data(self, data: bytes) -> None:
-        self._head += data
-        try:
-            end = http.find_head_end(self._head, self.config.limits.max_header_bytes)
-            if end < 0:
-                return
-            resp = http.parse_response_head(bytes(self._head[:end]))
-        except http.HttpError:
-            self.proxy.upstream_error(self, "bad_response")
-            self._reject(502, "upstream sent an invalid response")
+        if self._finished or self._client_lost:
+            transport.abort()  # too late: nobody to relay for
             return
-        rest = bytes(self._head[end:])
-        self._head.clear()
-        self.status = resp.status
-        assert self.client is not None and self.upstream is not None
-        self.client.write(resp.raw)
-        if resp.status == 101:
-            self._start_relay(rest)
+        self.upstream = transport
+        self._upstream_lost = self._upstream_eof = False
+
+    def _forget_upstream(self) -> None:
+        """Drop the reference to a finished upstream connection (the next request
+        opens a new one)."""
+        if self.upstream is not None and not self._upstream_lost:
+            return
+        self.upstream = None
+        self._upstream_lost = self._upstream_eof = self._up_paused = False
+        self._cancel(self._upstream_wdl)
+        self._upstream_wdl = None
+        self.resps = ResponseStream(self.config.limits.max_header_bytes)
+
+    def _abort_upstream(self) -> None:
+        """Abort the upstream connection and count it as gone now: some transports
+        (uvloop's, closed during their connect) never report connection_lost."""
+        up = self.upstream
+        if up is not None and not self._upstream_lost:
+            up.abort()
+            self._upstream_lost = True
+            self._cancel(self._upstream_wdl)
+            self._upstream_wdl = None
+
+    def _response_http(self, data: bytes) -> None:
+        try:
+            events = self.resps.feed(data)
+        except http.HttpError as e:
+            self._bad_response(e.reason)
+            return
+        self._response_events(events)
+
+    def _response_events(self, events: list[ResponseEvent]) -> None:
+        cl = self.client
+        assert cl is not None
+        for ev in events:
+            if self.state is not State.EXCHANGE:
+                return
+            t = type(ev)
+            if t is ResponseHead:
+                resp = cast(ResponseHead, ev)
+                status = resp.status
+                self.bytes_out += len(resp.raw)
+                if status == 101:
+                    self.status = 101
+                    cl.write(resp.raw)
+                    rest = self.resps.take_rest()
+                    if self.route is not None:
+                        self._start_relay(rest)
+                    else:
+                        self._start_tunnel(rest)
+                    return
+                cl.write(resp.raw)
+                if status < 200:
+                    # Interim (100 Continue, 103 Early Hints): the final one is still due.
+                    if self._deadline_kind == "response":
+                        self._arm_deadline("response", self.config.upstream.response_timeout)
+                    continue
+                self.status = status
+                self._resp_started = True
+                self._stop_handshake_timer()
+                self.proxy.connection_accepted(self, tunnel=True)
+            elif t is MessageEnd:
+                self._resp_done = True
+                self._keep = self._keep and cast(MessageEnd, ev).keep_alive
+                if self._req_done:
+                    self._exchange_done()
+                return
+            else:
+                body = cast(bytes, ev)
+                self.bytes_out += len(body)
+                cl.write(body)
+
+    def _bad_response(self, reason: str) -> None:
+        self.proxy.upstream_error(self, "bad_response")
+        if self._resp_started:
+            # Part of the response is with the client already: it can only be cut.
+            self.closed_by = "proxy:bad_response"
+            self.abort()
         else:
-            # A 401 stays a 401 with its body: the rest is forwarded byte for byte.
-            self._start_tunnel(rest)
+            self._reject(502, "upstream sent an invalid response")
+
+    def _exchange_done(self) -> None:
+        """A request and its response are complete: close, or read the next request."""
+        self.proxy.request_done(self)
+        if self.resps.unsolicited:
+            # Bytes that answer nothing: the upstream cannot be trusted to frame another
+            # response on this connection.
+            self._abort_upstream()
+        if not self._keep or self._client_eof or self.proxy.closing:
+            self._close_quietly()
+            return
+        self.state = State.HEAD
+        self.route = None
+        self._req_done = self._resp_done = self._resp_started = False
+        if self._upstream_lost or self._upstream_eof:
+            self._abort_upstream()
+            self._forget_upstream()
+        self._arm_deadline("idle", self.config.limits.idle_timeout)
+        try:
+            events = self.reqs.next_message()
+        except http.HttpError as e:
+            self._bad_request(e)
+            return
+        if self.reqs.head_started and self._deadline_kind == "idle":
+            self._arm_deadline("head", self.config.limits.handshake_timeout)
+        self._request_events(events)
+        self._client_reading()
 
     def _start_tunnel(self, rest: bytes) -> None:
+        # An upgrade that the upstream accepted on a path that is not a relay route:
+        # from its 101 on the connection is no longer HTTP, so bytes go both ways.
         self._stop_handshake_timer()
         self.state = State.TUNNEL
         self.proxy.connection_accepted(self, tunnel=True)
-        assert self.client is not None and self.upstream is not None
+        cl, up = self.client, self.upstream
+        assert cl is not None and up is not None
         if rest:
             self.bytes_out += len(rest)
-            self.client.write(rest)
-        if self._held:
-            self.bytes_in += len(self._held)
-            self.upstream.write(bytes(self._held))
-            self._held.clear()
-        self.client.resume_reading()
+            cl.write(rest)
+        pending = self.reqs.take_pending()
+        if pending:
+            self.bytes_in += len(pending)
+            up.write(pending)
+        self._client_reading()
 
     def _start_relay(self, rest: bytes) -> None:
         self._stop_handshake_timer()
@@ -487,16 +811,10 @@ class Relay(asyncio.Protocol):
         self.proxy.connection_accepted(self, tunnel=False)
         if rest:
             self._upstream_frames(rest)
-        if self._held and self.state is State.RELAY:
-            held = bytes(self._held)
-            self._held.clear()
+        held = self.reqs.take_pending()
+        if held and self.state is State.RELAY:
             self._client_frames(held)
-        if not self.client.is_closing():
-            self.client.resume_reading()
-
-    def _stop_handshake_timer(self) -> None:
-        self._cancel(self._handshake_timer)
-        self._handshake_timer = None
+        self._client_reading()
 
     # ------------------------------------------------------------------ relay: frames
 
@@ -564,8 +882,13 @@ class Relay(asyncio.Protocol):
             self.bytes_out += len(data)
             assert self.client is not None
             self.client.write(data)
-        elif state is State.RESPONSE:
-            self._response_data(data)
+        elif state is State.EXCHANGE:
+            self._response_http(data)
+        elif state is State.HEAD:
+            # Between requests nothing is owed: bytes now answer no request, so this
+            # upstream connection cannot frame the next response.
+            self._abort_upstream()
+            self._forget_upstream()
         # CONNECTING (nothing sent yet) or CLOSED: nothing to do with the bytes.
 
     def _upstream_frames(self, data: bytes) -> None:
@@ -762,12 +1085,14 @@ class Relay(asyncio.Protocol):
         if self.state is State.EVENTS and self.proxy.events is not None:
             self.proxy.events.abort(self)
             return
+        if self.state is State.REFUSING:
+            self.proxy.refusal_ended(self)
         if self.client is not None and not self._client_lost:
             self.client.abort()
-        if self.upstream is not None and not self._upstream_lost:
-            self.upstream.abort()
+        self._abort_upstream()
         if self._connect_task is not None:
             self._connect_task.cancel()
+        self._maybe_finish()
 
     def shutdown(self, code: int = 1001, reason: str = "going away") -> None:
         """Close both sides with ``code`` (proxy shutdown, max lifetime)."""
@@ -775,12 +1100,20 @@ class Relay(asyncio.Protocol):
             self.closed_by = self.closed_by or "proxy:shutdown"
             self._close_client(code, reason)
             self._close_upstream(code, reason)
-        elif self.state in (State.HEAD, State.CONNECTING, State.RESPONSE):
+        elif self.state is State.HEAD:
+            if self._deadline_kind == "idle" and not self.reqs.head_started:
+                self._close_quietly()  # between requests: nothing to answer
+            else:
+                self._reject(503, "shutting down")
+        elif self.state is State.CONNECTING or (
+            self.state is State.EXCHANGE and not self._resp_started and self.route is not None
+        ):
             self._reject(503, "shutting down")
         elif self.state is State.EVENTS and self.proxy.events is not None:
             self.proxy.events.shutdown(self, code, reason)
-        # A TUNNEL is left alone: an HTTP exchange in flight should finish; whatever
-        # is still open when the grace period ends is aborted.
+        # A request in flight and a TUNNEL are left alone: the exchange should finish
+        # (the connection closes after it); whatever is still open when the grace
+        # period ends is aborted.
 
     def _client_write_timeout(self) -> None:
         self._client_wdl = None
@@ -790,8 +1123,8 @@ class Relay(asyncio.Protocol):
             self.client.abort()  # it is not reading: a Close would sit in the same buffer
         if self.state is State.RELAY:
             self._close_upstream(1001, "client write timeout")
-        elif self.upstream is not None:
-            self.upstream.close()
+        else:
+            self._abort_upstream()
 
     # ------------------------------------------------------------------ upstream side
 
@@ -800,9 +1133,30 @@ class Relay(asyncio.Protocol):
         # client connection is closed after the buffered bytes drain (what nginx does);
         # a client that never closes would otherwise hold the pair forever.
         self._upstream_eof = True
+        if self.state is State.EXCHANGE:
+            self._response_ended()
         return None
 
+    def _response_ended(self) -> None:
+        """The upstream's side ended during an exchange: the end of a close-delimited
+        body, or a response cut short."""
+        try:
+            events = self.resps.feed_eof()
+        except http.HttpError as e:
+            if self._resp_started:
+                self.closed_by = "proxy:upstream_gone"
+                self.abort()
+            else:
+                self.proxy.upstream_error(self, "closed")
+                self._reject(502, "upstream closed the connection")
+            del e
+            return
+        self._response_events(events)
+
     def upstream_lost(self, exc: Exception | None) -> None:
+        if self._upstream_lost:
+            self._maybe_finish()
+            return
         self._upstream_lost = True
         self._cancel(self._upstream_wdl)
         state = self.state
@@ -819,36 +1173,38 @@ class Relay(asyncio.Protocol):
                     self.client.close()
                 elif self._client_close_sent and self.client_code is not None:
                     self.client.close()
-        elif state is State.RESPONSE:
-            self.proxy.upstream_error(self, "closed")
-            self._reject(502, "upstream closed the connection")
+        elif state is State.EXCHANGE:
+            if not self._upstream_eof:
+                self._response_ended()
         elif state is State.TUNNEL and self.client is not None:
             self.client.close()
+        elif state is State.HEAD:
+            self._forget_upstream()  # an idle upstream connection closed: fine
         self._maybe_finish()
 
     def upstream_paused(self) -> None:
-        if self.client is not None and not self._client_lost:
-            self.client.pause_reading()
+        self._up_paused = True
+        self._client_reading()
         self._cancel(self._upstream_wdl)
         wait = self.settings.write_wait if self.settings else self.config.keepalive.write_wait
         self._upstream_wdl = self.loop.call_later(wait, self._upstream_write_timeout)
 
     def upstream_resumed(self) -> None:
+        self._up_paused = False
         self._cancel(self._upstream_wdl)
         self._upstream_wdl = None
-        if self.client is not None and not self._client_lost:
-            self.client.resume_reading()
+        self._client_reading()
 
     def _upstream_write_timeout(self) -> None:
         self._upstream_wdl = None
         self.closed_by = "proxy:upstream_write_timeout"
         self.proxy.write_timeout(self, "upstream")
-        if self.upstream is not None:
-            self.upstream.abort()
+        self._abort_upstream()
         if self.state is State.RELAY:
             self._close_client(1011, "upstream write timeout", abort_after=True)
         elif self.client is not None:
             self.client.close()
+        self._maybe_finish()
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -865,7 +1221,7 @@ class Relay(asyncio.Protocol):
         if self.upstream is not None and not self._upstream_lost:
             return
         if self._connect_task is not None:
-            return  # finishes when the connect attempt unwinds
+            return  # finishes in _connect_done, which runs even if the task never started
         self._finished = True
         self.state = State.CLOSED
         for h in (
@@ -881,7 +1237,6 @@ class Relay(asyncio.Protocol):
         self._timer = self._client_wdl = self._upstream_wdl = self._close_timer = None
         self._life_timer = self._utimer = None
         self._handshake_timer = None
-        self._head.clear()
         self._held.clear()
         self.proxy.connection_closed(self)
 

@@ -60,7 +60,10 @@ class Proxy:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.relays: set[Relay] = set()  # open keep-alive relays
-        self.connections: set[Relay] = set()  # every open client connection
+        self.connections: set[Relay] = set()  # every admitted client connection
+        # Connections over a limit, held for a short read before their 429/503: they
+        # count against no limit, but a close must still end them.
+        self.refusing: set[Relay] = set()
         self.per_ip: collections.Counter[str] = collections.Counter()
         self.draining = False  # /readyz fails from here on
         self.closing = False  # the listener is closed; handshakes get 503
@@ -153,6 +156,8 @@ class Proxy:
         if grace is None:
             grace = self.config.keepalive.close_timeout
         relays = sorted(self.relays, key=lambda c: c.id)
+        for conn in list(self.refusing):
+            conn.abort()
         for conn in list(self.connections):
             if conn not in self.relays:
                 conn.shutdown(1001, "going away")
@@ -170,11 +175,11 @@ class Proxy:
                     await self._idle.wait()
         for h in handles:
             h.cancel()
-        for conn in list(self.connections):
+        for conn in [*self.connections, *self.refusing]:
             conn.abort()
         # Aborted transports call connection_lost on the next loop iterations.
         for _ in range(100):
-            if not self.connections:
+            if not self.connections and not self.refusing:
                 break
             await asyncio.sleep(0.01)
         if self._server is not None:
@@ -223,6 +228,8 @@ class Proxy:
             for key in ("listen", "tls", "admin", "zmq", "events")
             if getattr(new, key) != getattr(old, key)
         ]
+        # Connections take (config, upstream TLS context, server name) as one snapshot
+        # when accepted; these three change together, between two accepts.
         if new.upstream != old.upstream:
             self.upstream_ssl = upstream_ssl_context(new)
             self.upstream_server_name = (
@@ -267,10 +274,73 @@ class Proxy:
 
     # ------------------------------------------------------------------ hooks from relays
 
-    def connection_opened(self, conn: Relay) -> None:
+    def admit(self, conn: Relay) -> tuple[int, str] | None:
+        """Count a connection from the moment it is accepted; ``(status, message)``
+        when it is over a limit (it is then not counted at all).
+
+        The per-address limit is not applied here to a trusted proxy's connections:
+        they carry many clients, and are counted by the forwarded client address once
+        the request head is read (:meth:`readdress`).
+        """
+        limits = conn.config.limits
+        if self.closing:
+            return 503, "shutting down"
+        if len(self.connections) >= limits.max_connections:
+            return 503, "too many connections"
+        per_ip = limits.max_connections_per_ip
+        if per_ip is not None and self.per_ip[conn.ip] >= per_ip and not conn.trusted_peer():
+            return 429, "too many connections from this address"
         self.connections.add(conn)
         self.per_ip[conn.ip] += 1
         self._idle.clear()
+        return None
+
+    def readdress(self, conn: Relay, ip: str) -> bool:
+        """Move ``conn`` to the client address ``ip`` (forwarded by a trusted proxy);
+        False, and no move, when that address is at its per-address limit."""
+        per_ip = conn.config.limits.max_connections_per_ip
+        if per_ip is not None and self.per_ip[ip] >= per_ip:
+            return False
+        self._uncount_ip(conn.ip)
+        self.per_ip[ip] += 1
+        conn.ip = conn.peer = ip
+        return True
+
+    def _uncount_ip(self, ip: str) -> None:
+        left = self.per_ip[ip] - 1
+        if left > 0:
+            self.per_ip[ip] = left
+        else:
+            del self.per_ip[ip]
+
+    def refused_at_accept(self, conn: Relay, status: int) -> None:
+        self.stats["refused"] += 1
+        self.metrics.connections.labels(PASSTHROUGH, f"refused_{status}").inc()
+        log.info(
+            "refused",
+            extra={FIELDS: {"event": "refused", "by": "proxy", **_brief(conn), "status": status}},
+        )
+
+    def refusal_ended(self, conn: Relay) -> None:
+        self.refusing.discard(conn)
+
+    def request_done(self, conn: Relay) -> None:
+        """A passthrough request and its response are complete (one access-log line)."""
+        if log.isEnabledFor(logging.INFO):
+            b_in, b_out, _, _ = conn.traffic()
+            log.info(
+                "request",
+                extra={
+                    FIELDS: {
+                        "event": "request",
+                        **_brief(conn),
+                        "method": conn.method,
+                        "request": conn.requests,
+                        "bytes_in": b_in,
+                        "bytes_out": b_out,
+                    }
+                },
+            )
 
     def connection_accepted(self, conn: Relay, *, tunnel: bool) -> None:
         conn.counted = True
@@ -299,11 +369,7 @@ class Proxy:
         if conn not in self.connections:
             return  # reported once only
         self.connections.discard(conn)
-        left = self.per_ip[conn.ip] - 1
-        if left > 0:
-            self.per_ip[conn.ip] = left
-        else:
-            del self.per_ip[conn.ip]
+        self._uncount_ip(conn.ip)
         was_relay = conn in self.relays
         self.relays.discard(conn)
         if not self.connections:

@@ -24,7 +24,8 @@ async def test_upstream_401_and_body_reach_client(make_config, proxy, ws_upstrea
     assert resp.get("Content-Type") == "application/json"
     assert resp.get("WWW-Authenticate") == 'Bearer realm="test"'
     assert len(up.requests) == 1
-    # The upstream ends its side after a refusal; the client sees that end too.
+    # The upstream's refusal says Connection: close, so the client sees the end too.
+    assert resp.get("Connection") == "close"
     async with asyncio.timeout(2000 * MS):
         assert await c.reader.read() == b""
 
@@ -79,7 +80,7 @@ async def test_request_head_forwarded_untouched_plus_forwarded_headers(
     conn = await up.next_conn()
     assert conn.request_line == f"GET {target} HTTP/1.1"
     lines = conn.head.decode("latin-1").split("\r\n")[1:-2]
-    forwarded = {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+    forwarded = {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-real-ip"}
     kept = [ln for ln in lines if ln.split(":", 1)[0].lower() not in forwarded]
     sent = [
         "Host: api.example.test:8443",
@@ -98,7 +99,9 @@ async def test_request_head_forwarded_untouched_plus_forwarded_headers(
     for ln in lines:
         k, _, v = ln.partition(":")
         by_name.setdefault(k.lower(), []).append(v.strip())
-    assert by_name["x-forwarded-for"] == ["10.0.0.1, 127.0.0.1"]
+    # The peer is no trusted proxy: what it claims about the client is replaced.
+    assert by_name["x-forwarded-for"] == ["127.0.0.1"]
+    assert by_name["x-real-ip"] == ["127.0.0.1"]
     assert by_name["x-forwarded-proto"] == ["http"]
     assert by_name["x-forwarded-host"] == ["api.example.test:8443"]
 
