@@ -98,31 +98,41 @@ _HTTP_STATES = frozenset((State.HEAD, State.CONNECTING, State.EXCHANGE))
 
 
 class _UpstreamProtocol(asyncio.Protocol):
-    """Forwards the upstream connection's callbacks to its relay."""
+    """Forwards the upstream connection's callbacks to its relay, while that connection
+    is the relay's current one: a keep-alive client may outlive several upstream
+    connections, and a late callback of an old one must not touch the new one."""
 
-    __slots__ = ("relay",)
+    __slots__ = ("relay", "transport")
 
     def __init__(self, relay: Relay) -> None:
         self.relay = relay
+        self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # cast, not isinstance: uvloop's transports do not subclass asyncio.Transport.
-        self.relay.upstream_made(cast(asyncio.Transport, transport))
+        self.transport = cast(asyncio.Transport, transport)
+        self.relay.upstream_made(self.transport)
 
     def data_received(self, data: bytes) -> None:
-        self.relay.upstream_data(data)
+        if self.transport is self.relay.upstream:
+            self.relay.upstream_data(data)
 
     def eof_received(self) -> bool | None:
-        return self.relay.upstream_eof()
+        if self.transport is self.relay.upstream:
+            return self.relay.upstream_eof()
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.relay.upstream_lost(exc)
+        if self.transport is self.relay.upstream:
+            self.relay.upstream_lost(exc)
 
     def pause_writing(self) -> None:
-        self.relay.upstream_paused()
+        if self.transport is self.relay.upstream:
+            self.relay.upstream_paused()
 
     def resume_writing(self) -> None:
-        self.relay.upstream_resumed()
+        if self.transport is self.relay.upstream:
+            self.relay.upstream_resumed()
 
 
 def _now() -> float:
@@ -145,6 +155,7 @@ class Relay(asyncio.Protocol):
         "_finished",
         "_handshake_timer",
         "_held",
+        "_ka_config",
         "_keep",
         "_life_timer",
         "_pending_ping",
@@ -230,6 +241,7 @@ class Relay(asyncio.Protocol):
         # Keep-alive and closing (RELAY only)
         self.ka: KeepAlive | None = None
         self.settings: KeepaliveSettings | None = None
+        self._ka_config = config  # the configuration `settings` came from
         self.cscan: FrameScanner | None = None
         self.uscan: FrameScanner | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -414,7 +426,7 @@ class Relay(asyncio.Protocol):
         elif state is State.CONNECTING or state is State.EXCHANGE:
             if self._resp_started:
                 return
-            if kind == "response" and not self._req_done:
+            if kind == "body":
                 self._reject(408, "request body not received in time")
             else:
                 self._reject(504, "upstream did not answer in time")
@@ -499,7 +511,9 @@ class Relay(asyncio.Protocol):
             if self._deadline_kind != "head":
                 self._arm_deadline("head", config.limits.handshake_timeout)
         else:
-            self._arm_deadline("response", config.upstream.response_timeout)
+            # While the body streams in, the client's silence is bounded by idle_timeout;
+            # the response deadline starts once the request has been sent in full.
+            self._arm_deadline("body", config.limits.idle_timeout)
         up = self.upstream
         reuse = up is not None and not self._upstream_lost and not self._upstream_eof
         if not reuse:
@@ -536,9 +550,8 @@ class Relay(asyncio.Protocol):
         if up is not None and not self._upstream_lost:
             self.bytes_in += len(data)
             up.write(data)
-        if self._deadline_kind == "response" and not self._resp_started:
-            # The client is still sending: the response deadline counts from its end.
-            self._arm_deadline("response", self.config.upstream.response_timeout)
+        if self._deadline_kind == "body" and not self._resp_started:
+            self._arm_deadline("body", self.config.limits.idle_timeout)
 
     def _request_end(self, end: MessageEnd) -> None:
         self._req_done = True
@@ -548,7 +561,7 @@ class Relay(asyncio.Protocol):
             self._events_request = None
             self._hand_to_events(events_req)
             return
-        if self._deadline_kind == "response" and not self._resp_started:
+        if self._deadline_kind == "body" and not self._resp_started:
             self._arm_deadline("response", self.config.upstream.response_timeout)
         self._client_reading()
         if self._resp_done:
@@ -778,8 +791,16 @@ class Relay(asyncio.Protocol):
         self._stop_handshake_timer()
         assert self.route is not None and self.client is not None
         self.state = State.RELAY
-        self.settings = settings = self.config.keepalive_for(self.route)
-        limit = self.config.limits.max_frame_size
+        # Keep-alive settings and frame limits are live (SIGHUP reaches open relays
+        # too), so a relay takes them from the proxy's current configuration; the
+        # routing, upstream and TLS of the connection stay those of its snapshot.
+        live = self.proxy.config
+        route = live.route_for(self.route.path)
+        if route is None or route.mode != "relay":
+            live, route = self.config, self.route
+        self.settings = settings = live.keepalive_for(route)
+        self._ka_config = live
+        limit = live.limits.max_frame_size
         self.cscan = FrameScanner(masked=True, max_frame_size=limit)
         self.uscan = FrameScanner(masked=False, max_frame_size=None)
         now = self.loop.time()
@@ -936,7 +957,7 @@ class Relay(asyncio.Protocol):
         if ka is None or self.state is not State.RELAY or self._closing():
             return
         now = self.loop.time()
-        if self.proxy.config is not self.config:
+        if self.proxy.config is not self._ka_config:
             self._reconfigure(now)
         action = ka.poll(now)
         if action is TIMEOUT:
@@ -971,7 +992,7 @@ class Relay(asyncio.Protocol):
     def _reconfigure(self, now: float) -> None:
         """Take the proxy's current config; also checked at every timer."""
         assert self.ka is not None and self.route is not None
-        self.config = config = self.proxy.config
+        self._ka_config = config = self.proxy.config
         route = config.route_for(self.route.path)
         if route is None or route.mode != "relay":
             return  # the route is gone: the connection keeps the settings it had

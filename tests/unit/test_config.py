@@ -1294,7 +1294,10 @@ def test_effective_yaml_fills_defaults(tmp_path: Path) -> None:
         "handshake_timeout": "10s",
         "max_header_bytes": "16KiB",
         "max_connections_per_ip": None,
+        "idle_timeout": "75s",
     }
+    assert data["upstream"]["response_timeout"] == "60s"
+    assert data["forwarded"] == {"trusted_proxies": []}
     assert data["upstream"]["tls"] == {"ca_file": None, "server_name": None, "verify": True}
     assert data["upstream"]["keepalive"] is None
     assert data["tls"] is None
@@ -1379,3 +1382,44 @@ def test_effective_yaml_round_trip_property(ping: float, extra: float, frame: in
     again = parse_config(yaml.safe_load(effective_yaml(cfg)))
     assert again == cfg
     assert math.isclose(again.keepalive.ping_interval, ping)
+
+
+# ------------------------------------------------------------ forwarded, new timeouts
+
+
+def test_trusted_proxies_parse_to_networks_and_match_peers() -> None:
+    cfg = parse_config(
+        minimal(forwarded={"trusted_proxies": ["10.0.0.0/8", "192.168.1.7", "::1", "10.1.2.3/8"]})
+    )
+    fw = cfg.forwarded
+    assert [str(n) for n in fw.networks()] == [
+        "10.0.0.0/8",
+        "192.168.1.7/32",
+        "::1/128",
+        "10.0.0.0/8",  # host bits are ignored, as nginx's set_real_ip_from does
+    ]
+    assert fw.trusts("10.200.0.1")
+    assert fw.trusts("192.168.1.7")
+    assert not fw.trusts("192.168.1.8")
+    assert fw.trusts("::1")
+    assert fw.trusts("::ffff:10.9.9.9")  # an IPv4-mapped peer on a dual-stack socket
+    assert not fw.trusts("not-an-address")
+    assert not parse_config(minimal()).forwarded.trusts("10.0.0.1")
+
+
+@pytest.mark.parametrize("bad", ["x", "10.0.0.0/33", "", "1.2.3.4.5"])
+def test_trusted_proxies_reject_non_addresses(bad: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_config(minimal(forwarded={"trusted_proxies": [bad]}))
+    assert e.value.lines[0].startswith("forwarded.trusted_proxies.0: invalid address or CIDR")
+
+
+def test_response_and_idle_timeouts_take_durations() -> None:
+    cfg = parse_config(
+        minimal(upstream={"url": "ws://h", "response_timeout": "2m"}, limits={"idle_timeout": "5s"})
+    )
+    assert cfg.upstream.response_timeout == 120.0
+    assert cfg.limits.idle_timeout == 5.0
+    with pytest.raises(ConfigError) as e:
+        parse_config(minimal(limits={"idle_timeout": 0}))
+    assert e.value.lines == ["limits.idle_timeout: must be positive (got 0)"]
