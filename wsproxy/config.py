@@ -644,7 +644,7 @@ class JwtSettings(BaseModel):
     issuer: str | None = None
     #: Claims a token must carry (PyJWT's ``options.require``); ``exp`` by default, so
     #: that no token is valid forever. ``[]`` accepts tokens without ``exp``.
-    require: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=lambda: ["exp"])
+    require: list[str] = Field(default_factory=lambda: ["exp"])
 
     @model_validator(mode="after")
     def _check(self) -> JwtSettings:
@@ -652,6 +652,9 @@ class JwtSettings(BaseModel):
         if (self.secret_env is None) == (self.secret_file is None):
             errors.append((("secret_env",), "set exactly one of secret_env or secret_file"))
         errors += [(("algorithms",), msg) for msg in _algorithm_errors(self.algorithms)]
+        errors += [
+            (("require", i), "must not be empty") for i, c in enumerate(self.require) if not c
+        ]
         if errors:
             raise _KeyErrors(errors)
         return self

@@ -39,6 +39,8 @@ BOTH_LOOPS = True
 EVENTS = "/v1.0/events"
 ROOT = Path(__file__).resolve().parents[2]  # the repository, for the load child
 SECRET = "test-secret-0123456789-0123456789-abcdef"
+# A cookie token is accepted only with an Origin in events.allowed_origins.
+ORIGIN = "https://app.example.test"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -351,7 +353,7 @@ async def test_binary_frame_is_closed_with_1003(events_proxy, publisher):
 
 
 async def test_oversized_message_is_closed_with_1009(events_proxy, publisher):
-    p = await events_proxy(limits__max_frame_size=1024)
+    p = await events_proxy(events__max_message_bytes=1024)
     async with ws_connect(p, EVENTS) as ws:
         await ws.send(json.dumps({"type": "subscribe", "topics": ["x" * 2000]}))
         code, _ = await closed_with(ws)
@@ -394,6 +396,7 @@ def jwt_proxy(events_proxy, monkeypatch):
                 "jwt": {"secret_env": "WSPROXY_TEST_JWT", "algorithms": ["HS256"]},
                 "allow_topics": ["customer_id:{customer_id}", "agent_id:{user.agent_id}"],
             },
+            events__allowed_origins=[ORIGIN],
             **kw,
         )
 
@@ -406,7 +409,7 @@ async def test_jwt_in_each_place_allows_its_topics(jwt_proxy, publisher, where):
     tok = _token({"customer_id": "C1", "user": {"agent_id": "G1"}})
     path, headers = EVENTS, []
     if where == "cookie":
-        headers = [("Cookie", f"theme=dark; token={tok}")]
+        headers = [("Cookie", f"theme=dark; token={tok}"), ("Origin", ORIGIN)]
     elif where == "query":
         path = f"{EVENTS}?x=1&token={tok}"
     else:
@@ -422,7 +425,8 @@ async def test_jwt_refused_topic_is_closed_with_1008(jwt_proxy, publisher):
     p = await jwt_proxy()
     tok = _token({"customer_id": "C1"})  # no user.agent_id: agent topics match nothing
     for topic in ["customer_id:C2", "customer_id:C1X", "agent_id:G1", "customer_id"]:
-        async with ws_connect(p, EVENTS, additional_headers=[("Cookie", f"token={tok}")]) as ws:
+        cookie = [("Cookie", f"token={tok}"), ("Origin", ORIGIN)]
+        async with ws_connect(p, EVENTS, additional_headers=cookie) as ws:
             await ws.send(json.dumps({"type": "subscribe", "topics": ["customer_id:C1", topic]}))
             code, reason = await closed_with(ws)
             assert (code, reason) == (1008, f"topic not allowed: {topic}")

@@ -3,12 +3,20 @@
 Token order (the upstream's, first found wins): cookie ``token``, query ``token``,
 ``Authorization: Bearer``. The token found first is the one verified: a bad cookie is
 not rescued by a good header.
+
+A token taken from the cookie is only accepted with an ``Origin`` header listed in
+``events.allowed_origins``: a browser attaches cookies to a cross-site WebSocket
+handshake by itself (cross-site WebSocket hijacking), but a page on another site can
+neither read the victim's token to put it in the query string nor set an
+``Authorization`` header on a WebSocket, so those two need no Origin check.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 from urllib.parse import parse_qsl
 
 import jwt
@@ -17,11 +25,37 @@ from wsproxy.config import ConfigError, EventsAuth
 from wsproxy.events import topics
 from wsproxy.http import RequestHead
 
-__all__ = ["AuthError", "Authorizer", "extract_token"]
+__all__ = [
+    "AuthError",
+    "Authorizer",
+    "Grant",
+    "TokenSource",
+    "extract_token",
+    "find_token",
+    "origin_allowed",
+]
+
+TokenSource = Literal["cookie", "query", "bearer"]
 
 
 class AuthError(Exception):
-    """No usable credential: answered with HTTP 401 before the upgrade."""
+    """The handshake is refused before the upgrade: ``status`` 401 (no usable token)
+    or 403 (a cookie token from an origin not in ``events.allowed_origins``); the
+    message is the response body."""
+
+    def __init__(self, message: str, status: int = 401) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a verified token allows: topic ``prefixes`` (see :mod:`topics`), until
+    ``expires`` (the ``exp`` claim, Unix seconds; None when the token has none)."""
+
+    prefixes: list[str]
+    expires: float | None
+    source: TokenSource
 
 
 def _cookie_token(req: RequestHead) -> str | None:
@@ -55,9 +89,34 @@ def _bearer_token(req: RequestHead) -> str | None:
     return None
 
 
+def find_token(req: RequestHead) -> tuple[TokenSource, str] | None:
+    """``(where, token)`` of the client's token: cookie ``token``, else query
+    ``token``, else ``Authorization: Bearer``; None when there is none."""
+    token = _cookie_token(req)
+    if token is not None:
+        return "cookie", token
+    token = _query_token(req)
+    if token is not None:
+        return "query", token
+    token = _bearer_token(req)
+    if token is not None:
+        return "bearer", token
+    return None
+
+
 def extract_token(req: RequestHead) -> str | None:
     """The client's token: cookie ``token``, else query ``token``, else Bearer."""
-    return _cookie_token(req) or _query_token(req) or _bearer_token(req)
+    found = find_token(req)
+    return found[1] if found is not None else None
+
+
+def origin_allowed(req: RequestHead, allowed: Sequence[str]) -> bool:
+    """Whether the request carries exactly one ``Origin`` header, equal to one of
+    ``allowed`` (compared as strings: browsers send the serialized origin, RFC 6454
+    section 6.2, and the configuration only accepts that form). No Origin, or two,
+    is not allowed."""
+    values = req.get_all("origin")
+    return len(values) == 1 and values[0] in allowed
 
 
 def _load_key(settings: EventsAuth) -> str:
@@ -84,12 +143,39 @@ def _load_key(settings: EventsAuth) -> str:
     return key
 
 
+def _check_key(settings: EventsAuth, key: str) -> None:
+    """Fail at start, not at every handshake, when PyJWT cannot verify one of the
+    algorithms here (RS*, PS*, ES*, EdDSA need the ``cryptography`` package) or the
+    key does not fit them (a PEM key for HS*, a shared secret for RS256...)."""
+    cfg = settings.jwt
+    where = "secret_env" if cfg.secret_env is not None else "secret_file"
+    for name in cfg.algorithms:
+        try:
+            algorithm = jwt.get_algorithm_by_name(name)
+        except NotImplementedError:
+            raise ConfigError(
+                [
+                    f"events.auth.jwt.algorithms: PyJWT cannot verify {name} here "
+                    "(install the cryptography package: pip install 'PyJWT[crypto]')"
+                ]
+            ) from None
+        try:
+            algorithm.prepare_key(key)
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+            # PyJWT's messages describe the key's kind, never its bytes.
+            raise ConfigError(
+                [f"events.auth.jwt.{where}: not a usable key for {name}: {exc}"]
+            ) from None
+
+
 class Authorizer:
     """Verifies tokens and renders each client's allowed topic prefixes."""
 
-    def __init__(self, settings: EventsAuth) -> None:
+    def __init__(self, settings: EventsAuth, allowed_origins: Sequence[str] = ()) -> None:
         self.settings = settings
+        self.allowed_origins = tuple(allowed_origins)
         self.key = _load_key(settings)
+        _check_key(settings, self.key)
         templates: list[topics.Template] = []
         errors: list[str] = []
         for i, text in enumerate(settings.allow_topics):
@@ -102,27 +188,48 @@ class Authorizer:
         self.templates = templates
 
     def verify(self, token: str) -> dict[str, Any]:
-        """The token's claims; AuthError when it is not valid now."""
+        """The token's claims; AuthError when it is not valid now (RFC 7519 section
+        7.2 plus ``jwt.require``, ``audience`` and ``issuer``)."""
         cfg = self.settings.jwt
         try:
+            # PyJWT refuses a token carrying an ``aud`` when no audience is
+            # configured: a token minted for another service is not ours to accept.
             claims: dict[str, Any] = jwt.decode(
                 token,
                 self.key,
                 algorithms=list(cfg.algorithms),
                 audience=cfg.audience,
                 issuer=cfg.issuer,
-                options={"verify_aud": cfg.audience is not None},
+                options={"require": list(cfg.require)},
             )
         except jwt.ExpiredSignatureError:
             raise AuthError("token expired") from None
-        except jwt.PyJWTError:
+        except (jwt.PyJWTError, ValueError, TypeError, OverflowError, RecursionError):
+            # Older PyJWT releases let some malformed inputs escape as these.
             raise AuthError("invalid token") from None
         return claims
 
-    def authenticate(self, req: RequestHead) -> list[str]:
-        """The allowed topic prefixes of the request's client; AuthError if none may
-        be had (no token, or a token that does not verify)."""
-        token = extract_token(req)
-        if token is None:
+    def authenticate(self, req: RequestHead) -> Grant:
+        """What the request's client may subscribe to; AuthError when nothing: no
+        token, a token that does not verify (401), or a cookie token from an origin
+        that is not allowed (403)."""
+        found = find_token(req)
+        if found is None:
             raise AuthError("missing token")
-        return topics.allowed_prefixes(self.templates, self.verify(token))
+        source, token = found
+        claims = self.verify(token)
+        if source == "cookie" and not origin_allowed(req, self.allowed_origins):
+            raise AuthError("origin not allowed", 403)
+        return Grant(topics.allowed_prefixes(self.templates, claims), _expiry(claims), source)
+
+
+def _expiry(claims: dict[str, Any]) -> float | None:
+    """The ``exp`` claim as Unix seconds; None without one or beyond any clock."""
+    exp = claims.get("exp")
+    if exp is None:
+        return None
+    try:
+        # PyJWT has checked that int(exp) works; a 400-digit exp overflows a float.
+        return float(int(exp))
+    except OverflowError:
+        return None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
@@ -76,7 +77,8 @@ class EventsHub:
         self.queue_bytes = ev.queue_bytes
         self.overflow = ev.overflow
         self.max_topics = ev.max_topics_per_connection
-        self.authorizer = None if ev.auth == "none" else Authorizer(ev.auth)
+        self.max_topic_bytes = ev.max_topic_bytes
+        self.authorizer = None if ev.auth == "none" else Authorizer(ev.auth, ev.allowed_origins)
         self.sessions: dict[Relay, Session] = {}
         # Subscribed topic -> sessions subscribed to exactly it (refcount = len).
         self.index: dict[bytes, set[Session]] = {}
@@ -154,14 +156,35 @@ class EventsHub:
     def accept(self, relay: Relay, req: RequestHead, held: bytes) -> None:
         """Authenticate, complete the handshake as the endpoint, take over the client."""
         allowed: list[str] | None = None
+        expires: float | None = None
         if self.authorizer is not None:
             try:
-                allowed = self.authorizer.authenticate(req)
+                grant = self.authorizer.authenticate(req)
             except AuthError as exc:
-                relay._reject(401, str(exc), [("WWW-Authenticate", "Bearer")])
+                if exc.status == 401:
+                    relay._reject(401, str(exc), [("WWW-Authenticate", "Bearer")])
+                else:
+                    # Says which origin to add to events.allowed_origins, if it is ours.
+                    origin = req.get("origin")
+                    log.info(
+                        "origin refused",
+                        extra={
+                            FIELDS: {
+                                "event": "origin_refused",
+                                "id": relay.id,
+                                "origin": origin[:256] if origin is not None else None,
+                            }
+                        },
+                    )
+                    relay._reject(exc.status, str(exc))
                 return
-        config = self.proxy.config
-        proto = ServerProtocol(max_size=config.limits.max_frame_size, logger=_ws_log)
+            allowed = grant.prefixes
+            expires = grant.expires
+        config = relay.config  # the connection's snapshot (routes and keep-alive agree)
+        # events.max_message_bytes, not limits.max_frame_size: a subscription request
+        # is small, and what a client sends here is parsed (JSON) and handed to libzmq.
+        # websockets counts a fragmented message whole (Close 1009 beyond it).
+        proto = ServerProtocol(max_size=self.settings.max_message_bytes, logger=_ws_log)
         proto.receive_data(req.raw)
         request = next(iter(proto.events_received()), None)
         if not isinstance(request, Request):
@@ -194,6 +217,9 @@ class EventsHub:
         relay.settings = settings
         # relay.client is already cast (uvloop transports are not asyncio.Transport).
         session = Session(self, relay, transport, proto, settings, ka, allowed)
+        if expires is not None:
+            # exp is wall-clock time; the loop's clock is monotonic: convert once.
+            session.expire_at(relay.loop.time() + (expires - time.time()))
         self.sessions[relay] = session
         transport.set_protocol(session)
         self.proxy.connection_accepted(relay, tunnel=False)

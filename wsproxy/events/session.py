@@ -12,6 +12,11 @@ pong deadline, a fresh ``write_wait`` deadline whenever the transport pauses wri
 While the transport is paused, events wait in a bounded queue (``events.queue_size``
 events, ``events.queue_bytes`` bytes); when it is full, ``events.overflow`` decides:
 ``close`` (Close 1013 "slow consumer") or ``drop_oldest``.
+
+Client input is bounded before it reaches a parser or libzmq: whole messages by
+``events.max_message_bytes`` (websockets' ``max_size``, fragments included, Close
+1009), topics by ``events.max_topic_bytes`` (error frame). A session whose token has
+an ``exp`` is closed with 1008 "token expired" then (:meth:`Session.expire_at`).
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class Session(asyncio.Protocol):
 
     __slots__ = (
         "_close_timer",
+        "_exp_timer",
         "_finished",
         "_frag",
         "_life_timer",
@@ -111,6 +117,7 @@ class Session(asyncio.Protocol):
         self._wdl: asyncio.TimerHandle | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._life_timer: asyncio.TimerHandle | None = None
+        self._exp_timer: asyncio.TimerHandle | None = None
         if settings.max_lifetime is not None:
             life = settings.max_lifetime + random.uniform(0.0, settings.max_lifetime_jitter)
             self._life_timer = self.loop.call_later(life, self._lifetime_over)
@@ -264,6 +271,10 @@ class Session(asyncio.Protocol):
         except ValueError:
             self._error("invalid JSON")
             return
+        except RecursionError:
+            # "[[[[..." within max_message_bytes: the C scanner recurses per level.
+            self._error("invalid JSON: nested too deeply")
+            return
         if not isinstance(msg, dict):
             self._error("message must be a JSON object")
             return
@@ -279,9 +290,22 @@ class Session(asyncio.Protocol):
         ):
             self._error("topics must be a non-empty list of non-empty strings")
             return
-        if kind == "unsubscribe":
-            for t in names:
+        # Bounded before anything reaches libzmq, which recurses once per byte of a
+        # topic (200 000 bytes crashed the process) and for unsubscribe as well.
+        limit_bytes = self.hub.max_topic_bytes
+        encoded: list[bytes] = []
+        for t in names:
+            try:
                 b = t.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate escaped as \ud800 in JSON
+                self._error("topics must be valid Unicode (no lone surrogates)")
+                return
+            if len(b) > limit_bytes:
+                self._error(f"topic longer than {limit_bytes} bytes")
+                return
+            encoded.append(b)
+        if kind == "unsubscribe":
+            for b in encoded:
                 if b in self.topics:
                     self.topics.discard(b)
                     self.hub.unsubscribe(self, b)
@@ -296,7 +320,7 @@ class Session(asyncio.Protocol):
                     )
                     self.close(POLICY_VIOLATION, f"topic not allowed: {t}")
                     return
-        new = {t.encode("utf-8") for t in names} - self.topics
+        new = set(encoded) - self.topics
         limit = self.hub.max_topics
         if len(self.topics) + len(new) > limit:
             self._error(f"too many topics (at most {limit} per connection)")
@@ -330,6 +354,22 @@ class Session(asyncio.Protocol):
             if ka_log.isEnabledFor(logging.DEBUG):
                 ka_log.debug("ping", extra={FIELDS: {"id": self.relay.id, "seq": ka.pings_sent}})
         self._timer = self.loop.call_at(ka.next_wakeup(), self._on_timer)
+
+    def expire_at(self, when: float) -> None:
+        """Close with 1008 "token expired" at loop time ``when`` (the token's ``exp``):
+        a session never outlives its credential. One timer handle, no task."""
+        self._cancel(self._exp_timer)
+        self._exp_timer = self.loop.call_at(when, self._token_expired)
+
+    def _token_expired(self) -> None:
+        self._exp_timer = None
+        if not self.closing:
+            self.relay.closed_by = "proxy:token_expired"
+            log.info(
+                "token expired",
+                extra={FIELDS: {"event": "token_expired", "id": self.relay.id}},
+            )
+            self.close(POLICY_VIOLATION, "token expired")
 
     def _lifetime_over(self) -> None:
         self._life_timer = None
@@ -418,9 +458,9 @@ class Session(asyncio.Protocol):
             return
         self._finished = True
         self.closing = True
-        for h in (self._timer, self._wdl, self._close_timer, self._life_timer):
+        for h in (self._timer, self._wdl, self._close_timer, self._life_timer, self._exp_timer):
             self._cancel(h)
-        self._timer = self._wdl = self._close_timer = self._life_timer = None
+        self._timer = self._wdl = self._close_timer = self._life_timer = self._exp_timer = None
         self._discard()
         self.hub.session_ended(self)
         relay = self.relay
