@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 import h11
 
@@ -93,7 +94,10 @@ def _check_framing(
             # response would mean reading to close, which we refuse rather than guess.
             if chunked_final_required and items[-1:] != ["chunked"]:
                 raise HttpError(status, "Transfer-Encoding without chunked last")
-            raise HttpError(status, "unsupported Transfer-Encoding")
+            # A request coding we do not implement is 501 (RFC 9112 §6.1); a
+            # response's is the upstream's fault (502).
+            unknown = status == 400 and items.count("chunked") == 1
+            raise HttpError(501 if unknown else status, "unsupported Transfer-Encoding")
     if lengths:
         values = {v.strip(" \t") for line in lengths for v in line.split(",")}
         if len(values) != 1:
@@ -114,7 +118,7 @@ class RequestStream:
     After an error the stream is stopped: later ``feed`` calls return nothing.
     """
 
-    __slots__ = ("_conn", "_head", "_keep_alive", "_max", "_pending", "_phase", "_searched")
+    __slots__ = ("_body", "_head", "_keep_alive", "_max", "_pending", "_phase", "_searched")
 
     def __init__(self, max_head_bytes: int) -> None:
         self._max = max_head_bytes
@@ -122,7 +126,7 @@ class RequestStream:
         self._head = bytearray()
         self._searched = 0
         self._pending = bytearray()
-        self._conn: h11.Connection | None = None
+        self._body: _Body | None = None
         self._keep_alive = True
 
     @property
@@ -177,7 +181,7 @@ class RequestStream:
 
     def _stop(self) -> None:
         self._phase = _Phase.DONE
-        self._conn = None
+        self._body = None
         self._head.clear()
 
     def _read_head(self, data: bytes, out: list[RequestEvent]) -> bytes:
@@ -203,36 +207,23 @@ class RequestStream:
         event = _next(conn, 400)
         if not isinstance(event, h11.Request):  # pragma: no cover - our parser accepted it
             raise HttpError(400, "malformed request head")
-        self._conn = conn
+        self._body = _Body(conn, chunked=bool(req.get_all("transfer-encoding")), status=400)
         self._keep_alive = keep_alive(req.version, req.get_all("connection"))
         self._phase = _Phase.BODY
         out.append(req)
         return rest
 
     def _read_body(self, data: bytes, out: list[RequestEvent]) -> None:
-        conn = self._conn
-        assert conn is not None
-        if data:
-            conn.receive_data(data)
-        while True:
-            event = _next(conn, 400)
-            if isinstance(event, h11.EndOfMessage):
-                # Everything h11 has not consumed follows the message: the next request
-                # (pipelined) or, after an upgrade, the new protocol's bytes.
-                rest = conn.trailing_data[0]
-                used = len(data) - len(rest)
-                if used:
-                    out.append(data[:used] if used < len(data) else data)
-                out.append(MessageEnd(self._keep_alive))
-                self._phase = _Phase.DONE
-                self._conn = None
-                self._pending += rest
-                return
-            if event is h11.NEED_DATA:
-                if data:
-                    out.append(data)
-                return
-            # Data: its bytes are part of `data`, forwarded whole above.
+        body = self._body
+        assert body is not None
+        rest = body.feed(data, out)
+        if rest is not None:
+            out.append(MessageEnd(self._keep_alive))
+            self._phase = _Phase.DONE
+            self._body = None
+            # Whatever follows the message: the next request (pipelined) or, after an
+            # upgrade, the new protocol's bytes.
+            self._pending += rest
 
 
 class ResponseStream:
@@ -248,7 +239,7 @@ class ResponseStream:
     """
 
     __slots__ = (
-        "_conn",
+        "_body",
         "_head",
         "_keep_alive",
         "_max",
@@ -266,7 +257,7 @@ class ResponseStream:
         self._rest = b""
         self._method = "GET"
         self._upgrade = False
-        self._conn: h11.Connection | None = None
+        self._body: _Body | None = None
         self._keep_alive = True
         #: The upstream sent bytes that answer no request (after a complete response):
         #: its connection can no longer be trusted to frame the next response.
@@ -282,7 +273,7 @@ class ResponseStream:
         self._method = method
         self._upgrade = upgrade
         self._phase = _Phase.HEAD
-        self._conn = None
+        self._body = None
         self._rest = b""
 
     def take_rest(self) -> bytes:
@@ -306,7 +297,7 @@ class ResponseStream:
                 self._read_body(data, out)
         except HttpError:
             self._phase = _Phase.DONE
-            self._conn = None
+            self._body = None
             raise
         return out
 
@@ -315,17 +306,15 @@ class ResponseStream:
         HttpError(502) when a response was outstanding and is not complete."""
         phase = self._phase
         if phase is _Phase.BODY:
-            assert self._conn is not None
-            self._conn.receive_data(b"")
-            try:
-                event = _next(self._conn, 502)
-            except HttpError:
-                self._phase = _Phase.DONE
-                raise
+            assert self._body is not None
+            conn = self._body.conn
             self._phase = _Phase.DONE
-            if isinstance(event, h11.EndOfMessage):
-                return [MessageEnd(False)]
-            raise HttpError(502, "upstream closed the connection inside a response body")
+            self._body = None
+            conn.receive_data(b"")
+            event = _next(conn, 502)  # h11 ends a close-delimited body or raises
+            if not isinstance(event, h11.EndOfMessage):  # pragma: no cover - see above
+                raise HttpError(502, "upstream closed the connection inside a response body")
+            return [MessageEnd(False)]
         if phase is _Phase.HEAD:
             self._phase = _Phase.DONE
             raise HttpError(502, "upstream closed the connection")
@@ -333,7 +322,10 @@ class ResponseStream:
 
     def _read_head(self, data: bytes, out: list[ResponseEvent]) -> bytes:
         self._head += data
-        end = http.find_head_end(self._head, self._max)
+        try:
+            end = http.find_head_end(self._head, self._max)
+        except HttpError:
+            raise HttpError(502, "upstream response head too large") from None
         if end < 0:
             return b""
         raw = bytes(self._head[:end])
@@ -365,7 +357,6 @@ class ResponseStream:
         event = _next(conn, 502)
         if not isinstance(event, h11.Response):  # pragma: no cover - our parser accepted it
             raise HttpError(502, "malformed upstream response head")
-        self._conn = conn
         # A body with neither length nor chunking runs until the upstream closes
         # (RFC 9112 §6.3 item 8): that connection cannot carry another response.
         delimited_by_close = not (
@@ -377,31 +368,64 @@ class ResponseStream:
         self._keep_alive = not delimited_by_close and keep_alive(
             resp.version, resp.get_all("connection")
         )
+        bodiless = self._method == "HEAD" or status in (204, 304)
+        chunked = not bodiless and resp.get("transfer-encoding") is not None
+        self._body = _Body(conn, chunked=chunked, status=502)
         self._phase = _Phase.BODY
         out.append(resp)
         return rest
 
     def _read_body(self, data: bytes, out: list[ResponseEvent]) -> None:
-        conn = self._conn
-        assert conn is not None
+        body = self._body
+        assert body is not None
+        rest = body.feed(data, out)
+        if rest is not None:
+            out.append(MessageEnd(self._keep_alive))
+            self._phase = _Phase.IDLE
+            self._body = None
+            self.unsolicited = bool(rest)
+
+
+class _Body:
+    """One message body, framed by h11; its bytes are handed back exactly as fed."""
+
+    __slots__ = ("chunked", "conn", "status", "tail")
+
+    def __init__(self, conn: h11.Connection, *, chunked: bool, status: int) -> None:
+        self.conn = conn
+        self.chunked = chunked
+        self.status = status
+        self.tail = b""  # the last bytes of a chunked body so far
+
+    def feed(self, data: bytes, out: list[Any]) -> bytes | None:
+        """Append the body bytes in ``data`` to ``out``; the bytes after the message
+        when it ended in ``data``, else None."""
+        conn = self.conn
         if data:
             conn.receive_data(data)
         while True:
-            event = _next(conn, 502)
+            event = _next(conn, self.status)
             if isinstance(event, h11.EndOfMessage):
                 rest = conn.trailing_data[0]
                 used = len(data) - len(rest)
+                if self.chunked and not (self.tail + data[max(0, used - 4) : used]).endswith(
+                    b"\r\n\r\n"
+                ):
+                    # h11 ends a trailer section at a bare LF; a peer that wants CRLF
+                    # would read on, and see our next message inside this one.
+                    raise HttpError(self.status, "bare LF in chunked framing")
                 if used:
                     out.append(data[:used] if used < len(data) else data)
-                out.append(MessageEnd(self._keep_alive))
-                self._phase = _Phase.IDLE
-                self._conn = None
-                self.unsolicited = bool(rest)
-                return
+                return rest
             if event is h11.NEED_DATA:
                 if data:
                     out.append(data)
-                return
+                    if self.chunked:
+                        self.tail = (self.tail + data[-4:])[-4:]
+                return None
+            if not isinstance(event, h11.Data):
+                # PAUSED: h11 frames no body after this message (a 2xx to CONNECT).
+                raise HttpError(self.status, "unexpected message framing")
 
 
 def _next(conn: h11.Connection, status: int) -> object:
