@@ -182,6 +182,10 @@ class Proxy:
             if not self.connections and not self.refusing:
                 break
             await asyncio.sleep(0.01)
+        # A connection leaves the table as soon as its upstream is aborted; the
+        # transport closes its socket in a callback on the next loop iteration.
+        for _ in range(3):
+            await asyncio.sleep(0)
         if self._server is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
