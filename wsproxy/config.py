@@ -485,17 +485,6 @@ class ForwardedSettings(BaseModel):
         """``trusted_proxies`` as networks (a plain address is a /32 or /128)."""
         return self._networks
 
-    def trusts(self, ip: str) -> bool:
-        """Whether the peer address ``ip`` is one of the trusted proxies."""
-        if not self._networks:
-            return False
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self._networks)
 
 
 class LogSettings(BaseModel):

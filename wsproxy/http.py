@@ -7,10 +7,14 @@ The parser is deliberately small and strict. It never raises anything but `HttpE
 (400/505 for requests, 502 for responses) whatever bytes it is given, keeps the exact
 raw bytes, and never uses the request target to decide where to connect: `path` exists
 only for exact route matching.
+
+Forwarding headers are taken from trusted proxies only (`client_address`,
+`forwarded_head`): from anyone else they are replaced, never extended.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -24,11 +28,13 @@ __all__ = [
     "HttpError",
     "RequestHead",
     "ResponseHead",
+    "client_address",
     "error_response",
     "find_head_end",
     "forwarded_head",
     "parse_request_head",
     "parse_response_head",
+    "peer_is_trusted",
     "reason_phrase",
     "redact_target",
     "safe_headers_for_log",
@@ -299,19 +305,159 @@ def _check_header_text(what: str, value: str) -> bytes:
 _XFF = b"x-forwarded-for"
 _XFP = b"x-forwarded-proto"
 _XFH = b"x-forwarded-host"
+_XRI = b"x-real-ip"
+_FORWARDED = b"forwarded"
+_XF_PREFIX = b"x-forwarded-"
+
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# The longest textual address we parse: "[" IPv6 with an IPv4 tail (45) "]:" port (5).
+# Anything longer is not an address; it is never handed to the parser.
+_MAX_ADDRESS_TEXT = 53
+_PORT = re.compile(r"[0-9]{1,5}")
 
 
-def forwarded_head(req: RequestHead, *, peer_ip: str, proto: str) -> bytes:
-    """`req.raw` byte-identical except for the X-Forwarded-* lines.
+def _parse_address(text: str) -> _Address | None:
+    """The address in one forwarding entry, or None when it is not one.
 
-    - X-Forwarded-For: the last such line becomes "<its value>, <peer_ip>" (just the peer
-      when empty); when absent, a new line is appended.
-    - X-Forwarded-Proto and X-Forwarded-Host: every client-sent line is removed and one
-      line each is appended (X-Forwarded-Host only when the client sent a Host).
-    Appended lines come after the client's headers, in the order For, Proto, Host.
+    Accepts `1.2.3.4`, `1.2.3.4:80`, `::1`, `[::1]` and `[::1]:80` (some load balancers
+    add the port). Refused: zone ids (`fe80::1%eth0`: free text of any length), obfuscated
+    identifiers (`unknown`, `_hidden`), anything longer than an address can be. An
+    IPv4-mapped IPv6 address is returned as the IPv4 address it carries, so a client has
+    one identity whichever form its proxy writes.
+    """
+    s = text.strip(" \t")
+    if not s or len(s) > _MAX_ADDRESS_TEXT:
+        return None
+    if s.startswith("["):
+        inner, bracket, port = s[1:].partition("]")
+        if not bracket or (port and not (port[:1] == ":" and _PORT.fullmatch(port[1:]))):
+            return None
+        s = inner
+    elif s.count(":") == 1:
+        s, _, port = s.partition(":")
+        if not _PORT.fullmatch(port):
+            return None
+    if "%" in s:
+        return None
+    try:
+        ip = ipaddress.ip_address(s)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _is_trusted(ip: _Address, trusted: Sequence[_Network]) -> bool:
+    # `in` is False (not an error) when the versions differ.
+    return any(ip in net for net in trusted)
+
+
+def peer_is_trusted(peer_ip: str, trusted: Sequence[_Network]) -> bool:
+    """Whether the socket peer `peer_ip` is in one of the `trusted` networks (an
+    IPv4-mapped IPv6 peer counts as its IPv4 address). False for anything that is not
+    an IP address. What `forwarded_head` needs as its `trusted` flag."""
+    try:
+        peer = ipaddress.ip_address(peer_ip)
+    except ValueError:
+        return False
+    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+        peer = peer.ipv4_mapped
+    return _is_trusted(peer, trusted)
+
+
+def client_address(req: RequestHead, peer_ip: str, trusted: Sequence[_Network]) -> str:
+    """The client's address: `peer_ip`, or the forwarded address when the peer is a
+    trusted proxy. Always a normalised IP address (`ipaddress` text form, IPv4-mapped
+    IPv6 unmapped), never header text: it is logged and keys the per-address limit.
+
+    - `peer_ip` (the socket's peer) not in any network of `trusted`: `peer_ip` itself.
+      (A `peer_ip` that is not an IP address, which no TCP socket gives, is returned
+      unchanged and never trusted.)
+    - Trusted peer: the X-Forwarded-For entries of all its lines, joined in order
+      (RFC 9110 §5.3), are walked from the right (each proxy appends the address it
+      received the request from). Trusted entries are skipped; the first untrusted one
+      is the client. An entry that is not an address (`unknown`, a hostname, garbage)
+      ends the walk: the entries left of it were written by a hop none of our trusted
+      proxies vouches for (nginx's `real_ip_recursive` stops there too).
+    - No untrusted address found (no X-Forwarded-For, only trusted entries, or a walk
+      ended early): a single X-Real-IP line holding an address (nginx's
+      `proxy_set_header X-Real-IP $remote_addr` in front of us); then the last trusted
+      entry walked, i.e. the leftmost of an all-trusted chain, which is what uvicorn's
+      ProxyHeadersMiddleware returns ("the client was also a trusted proxy"); then the
+      peer. uvicorn reads neither X-Real-IP nor more than one X-Forwarded-For line.
+
+    `trusted` comes from `config.forwarded.networks()`. The cost is linear in the
+    X-Forwarded-For text, which the head size limit bounds.
+    """
+    try:
+        peer = ipaddress.ip_address(peer_ip)
+    except ValueError:
+        return peer_ip
+    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+        peer = peer.ipv4_mapped
+    if not _is_trusted(peer, trusted):
+        return str(peer)
+    last_trusted: _Address | None = None
+    entries = [e for line in req.get_all("x-forwarded-for") for e in line.split(",")]
+    for entry in reversed(entries):
+        ip = _parse_address(entry)
+        if ip is None:
+            break
+        if not _is_trusted(ip, trusted):
+            return str(ip)
+        last_trusted = ip
+    real = req.get_all("x-real-ip")
+    if len(real) == 1:
+        ip = _parse_address(real[0])
+        if ip is not None:
+            return str(ip)
+    return str(last_trusted if last_trusted is not None else peer)
+
+
+def forwarded_head(
+    req: RequestHead,
+    *,
+    peer_ip: str,
+    proto: str,
+    trusted: bool = False,
+    client_ip: str | None = None,
+) -> bytes:
+    """The head to send upstream: `req.raw` byte-identical except for the forwarding
+    lines below.
+
+    `peer_ip` is the socket's peer, `proto` the scheme the client used (`http` or
+    `https`), `trusted` whether the peer is a trusted proxy (see `client_address`), and
+    `client_ip` the address `client_address` derived (default: `peer_ip`).
+
+    Untrusted peer (the default): every client-sent `X-Forwarded-*` line (For, Proto,
+    Host, Port, Prefix, any other), `Forwarded` (RFC 7239) and `X-Real-IP` is removed,
+    so a stranger cannot name its own address, scheme or host; then
+    `X-Forwarded-For: <peer_ip>`, `X-Forwarded-Proto: <proto>`,
+    `X-Forwarded-Host: <Host>` (only when the request has a Host) and
+    `X-Real-IP: <peer_ip>` are appended.
+
+    Trusted peer: the client's lines are kept. The last X-Forwarded-For line becomes
+    "<its value>, <peer_ip>" (just the peer when empty), or `X-Forwarded-For: <peer_ip>`
+    is appended. X-Forwarded-Proto and X-Forwarded-Host are kept when sent (the proxy in
+    front terminated TLS and knows the truth), else appended as above; X-Real-IP is
+    kept when sent, else `X-Real-IP: <client_ip>` is appended.
+
+    Appended lines come after the client's headers, in the order For, Proto, Host,
+    Real-IP. ValueError when an argument is empty or holds CR, LF or other control
+    characters (it would break the head), or when `req.raw` is not a whole head.
     """
     peer_b = _check_header_text("peer_ip", peer_ip).strip(b" \t")
     proto_b = _check_header_text("proto", proto).strip(b" \t")
+    real_b = peer_b
+    if client_ip is not None:
+        client_b = _check_header_text("client_ip", client_ip).strip(b" \t")
+        if not client_b:
+            raise ValueError("client_ip must not be empty")
+        if trusted:
+            real_b = client_b
     if not peer_b or not proto_b:
         raise ValueError("peer_ip and proto must not be empty")
     lines = req.raw[: -len(HEAD_END)].split(CRLF) if req.raw.endswith(HEAD_END) else []
@@ -319,12 +465,14 @@ def forwarded_head(req: RequestHead, *, peer_ip: str, proto: str) -> bytes:
         raise ValueError("request has no raw head")
     out = [lines[0]]
     last_xff = -1
+    sent: set[bytes] = set()
     for line in lines[1:]:
         name = line.partition(b":")[0].lower()
-        if name in (_XFP, _XFH):
+        if not trusted and (name.startswith(_XF_PREFIX) or name in (_FORWARDED, _XRI)):
             continue
         if name == _XFF:
             last_xff = len(out)
+        sent.add(name)
         out.append(line)
     if last_xff >= 0:
         name, _, value = out[last_xff].partition(b":")
@@ -332,10 +480,13 @@ def forwarded_head(req: RequestHead, *, peer_ip: str, proto: str) -> bytes:
         out[last_xff] = name + b": " + (value + b", " if value else b"") + peer_b
     else:
         out.append(b"X-Forwarded-For: " + peer_b)
-    out.append(b"X-Forwarded-Proto: " + proto_b)
+    if _XFP not in sent:
+        out.append(b"X-Forwarded-Proto: " + proto_b)
     host = req.host
-    if host is not None:
+    if host is not None and _XFH not in sent:
         out.append(b"X-Forwarded-Host: " + host.encode("latin-1"))
+    if _XRI not in sent:
+        out.append(b"X-Real-IP: " + real_b)
     return CRLF.join(out) + HEAD_END
 
 

@@ -9,14 +9,27 @@ to those of the open ones. The relay's hot path pays nothing for them.
 Labels: ``route`` is the route's path (``passthrough`` for tunnelled requests);
 ``direction`` is ``in`` for bytes from the client and ``out`` for bytes to the
 client; ``side`` is ``client`` or ``upstream``. No label ever carries a header,
-query or token.
+query or token, and none takes a value a peer chooses without a bound: a series is
+never freed, so each one a client could mint would be memory it could grow at will.
+
+- ``code`` (close codes, :class:`CloseCodeLabels`): a code registered for the protocol
+  (IANA WebSocket Close Code Number Registry, RFC 6455 §7.4) keeps its value;
+  ``1005`` is a Close without a code (§7.1.5); ``none`` means TCP ended with no Close;
+  application codes 3000-4999 (§7.4.2) keep their value for the first
+  :data:`APP_CODES_PER_ROUTE` distinct ones seen on a route, then are ``other``;
+  anything else (0-999, 1004, 1006, 1015-2999, 5000-65535: codes that must not be
+  sent) is ``invalid``.
+- ``outcome`` ``refused_<status>``: the status must be a registered HTTP status code,
+  else ``refused_other`` (an upstream may reflect what the client asked for).
 """
 
 from __future__ import annotations
 
 import platform
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
@@ -48,6 +61,82 @@ _DURATION_BUCKETS = (
 
 def route_label(conn: Relay) -> str:
     return conn.route.path if conn.route is not None else PASSTHROUGH
+
+
+#: Close codes defined for the protocol itself (IANA WebSocket Close Code Number
+#: Registry; RFC 6455 §7.4.1 for 1000-1011, later registrations for 1012-1014). 1004 is
+#: reserved, 1005, 1006 and 1015 must never be sent in a Close frame (§7.4.1).
+REGISTERED_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015))
+#: Distinct application close codes (3000-4999) labelled by value, per route.
+APP_CODES_PER_ROUTE = 32
+NO_CLOSE = "none"
+NO_CODE = "1005"
+OTHER = "other"
+INVALID = "invalid"
+
+
+class CloseCodeLabels:
+    """The ``code`` label for a Close code seen on a route; at most
+    ``len(REGISTERED_CLOSE_CODES) + app_codes_per_route + 4`` values per route.
+
+    ``None`` (no Close at all) is ``none``; 1005 (a Close frame without a code, RFC 6455
+    §7.1.5; the relay records a literal 1005 from the wire the same way) is ``1005``;
+    registered codes are their value; the first ``app_codes_per_route`` distinct codes
+    in 3000-4999 on a route are their value and later ones ``other`` (codes admitted
+    once stay admitted, so a series never changes meaning); everything else is
+    ``invalid``. Not thread-safe: called from the event loop only.
+    """
+
+    __slots__ = ("_admitted", "cap")
+
+    def __init__(self, app_codes_per_route: int = APP_CODES_PER_ROUTE) -> None:
+        self.cap = app_codes_per_route
+        self._admitted: dict[str, set[int]] = {}
+
+    def label(self, route: str, code: int | None) -> str:
+        if code is None:
+            return NO_CLOSE
+        code = int(code)  # websockets hands us a CloseCode (an IntEnum) on events routes
+        if code in REGISTERED_CLOSE_CODES:
+            return str(code)
+        if code == 1005:
+            return NO_CODE
+        if not 3000 <= code <= 4999:
+            return INVALID
+        admitted = self._admitted.setdefault(route, set())
+        if code not in admitted:
+            if len(admitted) >= self.cap:
+                return OTHER
+            admitted.add(code)
+        return str(code)
+
+
+_HTTP_STATUSES = frozenset(int(s) for s in HTTPStatus)
+_REFUSED = re.compile(r"refused_([0-9]+)")
+
+
+def outcome_label(outcome: str) -> str:
+    """``refused_<status>`` keeps a registered HTTP status code (as a plain number) and
+    becomes ``refused_other`` for any other; every other outcome (chosen by our own
+    code, never by a peer) is kept."""
+    m = _REFUSED.fullmatch(outcome)
+    if m is None:
+        return outcome
+    status = int(m.group(1))
+    return f"refused_{status}" if status in _HTTP_STATUSES else "refused_other"
+
+
+class _OutcomeCounter:
+    """``wsproxy_connections_total`` as the proxy's hooks use it (``.labels(route,
+    outcome)``), with the outcome bounded by :func:`outcome_label` on the way in."""
+
+    __slots__ = ("counter",)
+
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
+
+    def labels(self, route: str, outcome: str) -> Counter:
+        return self.counter.labels(route, outcome_label(outcome))
 
 
 class _LiveCollector(Collector):
@@ -142,11 +231,13 @@ class Metrics:
         self.closed_bytes: dict[tuple[str, str], int] = defaultdict(int)
         self.closed_frames: dict[tuple[str, str], int] = defaultdict(int)
         r.register(_LiveCollector(self))
-        self.connections = Counter(
-            "wsproxy_connections",
-            "Client connections by outcome of the handshake.",
-            ["route", "outcome"],
-            registry=r,
+        self.connections = _OutcomeCounter(
+            Counter(
+                "wsproxy_connections",
+                "Client connections by outcome of the handshake.",
+                ["route", "outcome"],
+                registry=r,
+            )
         )
         self.pings = Counter(
             "wsproxy_pings_sent", "Keep-alive pings sent to clients.", ["route"], registry=r
@@ -184,10 +275,12 @@ class Metrics:
         )
         self.close_codes = Counter(
             "wsproxy_close_codes",
-            "Close codes sent by each side (none: TCP gone, no Close).",
+            "Close codes sent by each side (none: TCP gone, no Close; other: an "
+            "application code past the per-route cap; invalid: a code that must not be sent).",
             ["route", "side", "code"],
             registry=r,
         )
+        self.close_code_labels = CloseCodeLabels()
         self.connect_errors = Counter(
             "wsproxy_upstream_connect_errors",
             "Failed attempts to reach the upstream.",
@@ -230,9 +323,6 @@ class Metrics:
         if conn.route is None:
             return
         self.duration.labels(label).observe(duration)
-        self.close_codes.labels(label, "client", _code(conn.client_code)).inc()
-        self.close_codes.labels(label, "upstream", _code(conn.upstream_code)).inc()
-
-
-def _code(code: int | None) -> str:
-    return "none" if code is None else str(code)
+        codes = self.close_code_labels
+        self.close_codes.labels(label, "client", codes.label(label, conn.client_code)).inc()
+        self.close_codes.labels(label, "upstream", codes.label(label, conn.upstream_code)).inc()

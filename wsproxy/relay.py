@@ -582,7 +582,8 @@ class Relay(asyncio.Protocol):
 
     def trusted_peer(self) -> bool:
         """Whether the TCP peer is a trusted proxy (``forwarded.trusted_proxies``)."""
-        return self.config.forwarded.trusts(self.peer_ip)
+        nets = self.config.forwarded.networks()
+        return bool(nets) and http.peer_is_trusted(self.peer_ip, nets)
 
     def _reject(
         self, status: int, message: str, headers: list[tuple[str, str]] | None = None

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -7,15 +10,19 @@ from hypothesis import strategies as st
 from wsproxy.http import (
     HttpError,
     RequestHead,
+    client_address,
     error_response,
     find_head_end,
     forwarded_head,
     parse_request_head,
     parse_response_head,
+    peer_is_trusted,
     reason_phrase,
     redact_target,
     safe_headers_for_log,
 )
+
+ANY = [ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0")]
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -294,6 +301,8 @@ def test_parse_structured_garbage_only_http_error(data: bytes) -> None:
                 if isinstance(head, RequestHead):
                     _ = (head.path, head.query, head.is_websocket_upgrade, head.host)
                     forwarded_head(head, peer_ip="1.2.3.4", proto="http")
+                    forwarded_head(head, peer_ip="1.2.3.4", proto="http", trusted=True)
+                    assert client_address(head, "1.2.3.4", ANY) == "1.2.3.4"
 
 
 # ---------------------------------------------------------------- round trip
@@ -307,12 +316,32 @@ _value = st.text(
 _path = st.text(alphabet="abcXYZ019-._~!$&'()*+,;=:@%/", max_size=15).map(lambda s: "/" + s)
 _query = st.text(alphabet="abc019-._~!$&'()*+,;=:@%/?", max_size=15)
 _other_header = st.tuples(_token, _value).filter(lambda kv: kv[0].lower() != "host")
-_xf_header = st.tuples(
-    st.sampled_from(
-        ["X-Forwarded-For", "x-forwarded-for", "X-Forwarded-Proto", "X-FORWARDED-HOST"]
-    ),
-    _value,
-)
+_FWD_NAMES = [
+    "X-Forwarded-For",
+    "x-forwarded-for",
+    "X-Forwarded-Proto",
+    "X-FORWARDED-HOST",
+    "X-Forwarded-Port",
+    "X-Forwarded-Prefix",
+    "Forwarded",
+    "X-Real-IP",
+    "x-real-ip",
+]
+_xf_header = st.tuples(st.sampled_from(_FWD_NAMES), _value)
+
+
+def _name(line: bytes) -> bytes:
+    return line.partition(b":")[0].lower()
+
+
+def _is_forwarding(line: bytes) -> bool:
+    name = _name(line)
+    return name.startswith(b"x-forwarded-") or name in (b"forwarded", b"x-real-ip")
+
+
+def _lines(head: bytes) -> list[bytes]:
+    assert head.endswith(b"\r\n\r\n")
+    return head[:-4].split(b"\r\n")
 
 
 @st.composite
@@ -362,26 +391,38 @@ def test_valid_heads_round_trip(case: tuple[bytes, dict[str, object]]) -> None:
     }
     assert got == expect
 
+    # Untrusted peer: every forwarding line goes, ours come last, the rest is untouched.
+    host_line = [] if r.host is None else [b"X-Forwarded-Host: " + r.host.encode("latin-1")]
     fwd = forwarded_head(r, peer_ip="10.1.2.3", proto="https")
-    f = parse_request_head(fwd)
+    assert _lines(fwd) == [line for line in _lines(raw) if not _is_forwarding(line)] + [
+        b"X-Forwarded-For: 10.1.2.3",
+        b"X-Forwarded-Proto: https",
+        *host_line,
+        b"X-Real-IP: 10.1.2.3",
+    ]
+    assert parse_request_head(fwd).get_all("x-forwarded-for") == ["10.1.2.3"]
 
-    def is_xf(line: bytes) -> bool:
-        return line.lower().startswith(b"x-forwarded-")
-
-    def non_xf(b: bytes) -> list[bytes]:
-        return [line for line in b.split(b"\r\n") if not is_xf(line)]
-
-    assert non_xf(fwd) == non_xf(raw)
-    assert f.get_all("x-forwarded-proto") == ["https"]
-    assert f.get_all("x-forwarded-host") == ([] if r.host is None else [r.host])
-    old_xff = r.get_all("x-forwarded-for")
-    new_xff = f.get_all("x-forwarded-for")
-    assert len(new_xff) == max(1, len(old_xff))
-    assert new_xff[:-1] == old_xff[:-1]
-    if old_xff and old_xff[-1]:
-        assert new_xff[-1] == old_xff[-1] + ", 10.1.2.3"
+    # Trusted peer: every line kept; the peer joins the last X-Forwarded-For; only what
+    # is missing is added.
+    fwd = forwarded_head(r, peer_ip="10.1.2.3", proto="https", trusted=True, client_ip="192.0.2.1")
+    expected = _lines(raw)
+    sent = {_name(line) for line in expected[1:]}
+    added = []
+    xff = [i for i, line in enumerate(expected) if i and _name(line) == b"x-forwarded-for"]
+    if xff:
+        name, _, value = expected[xff[-1]].partition(b":")
+        value = value.strip(b" \t")
+        expected[xff[-1]] = name + b": " + (value + b", " if value else b"") + b"10.1.2.3"
     else:
-        assert new_xff[-1] == "10.1.2.3"
+        added.append(b"X-Forwarded-For: 10.1.2.3")
+    if b"x-forwarded-proto" not in sent:
+        added.append(b"X-Forwarded-Proto: https")
+    if b"x-forwarded-host" not in sent:
+        added += host_line
+    if b"x-real-ip" not in sent:
+        added.append(b"X-Real-IP: 192.0.2.1")
+    assert _lines(fwd) == expected + added
+    parse_request_head(fwd)
 
 
 # ---------------------------------------------------------------- forwarded_head
@@ -394,54 +435,323 @@ def test_forwarded_head_new_headers_appended() -> None:
         b"X-Forwarded-For: 192.0.2.7\r\n"
         b"X-Forwarded-Proto: http\r\n"
         b"X-Forwarded-Host: example.com:8080\r\n"
+        b"X-Real-IP: 192.0.2.7\r\n"
         b"\r\n"
     )
-
-
-def test_forwarded_head_replaces_and_appends() -> None:
-    raw = (
-        b"GET /ws HTTP/1.1\r\n"
-        b"x-forwarded-proto: gopher\r\n"
-        b"X-Forwarded-For: 1.1.1.1\r\n"
-        b"Host: h\r\n"
-        b"X-Forwarded-For:2.2.2.2 \r\n"
-        b"X-Forwarded-Host: evil\r\n"
-        b"Cookie: a=b\r\n"
+    # A trusted peer that sent nothing gets the same lines; X-Real-IP is the client.
+    fwd = forwarded_head(r, peer_ip="192.0.2.7", proto="http", trusted=True, client_ip="::1")
+    assert fwd == UPGRADE[:-2] + (
+        b"X-Forwarded-For: 192.0.2.7\r\n"
+        b"X-Forwarded-Proto: http\r\n"
+        b"X-Forwarded-Host: example.com:8080\r\n"
+        b"X-Real-IP: ::1\r\n"
         b"\r\n"
     )
-    fwd = forwarded_head(parse_request_head(raw), peer_ip="::1", proto="https")
+    trusted_no_client = forwarded_head(r, peer_ip="192.0.2.7", proto="http", trusted=True)
+    assert trusted_no_client.endswith(b"X-Real-IP: 192.0.2.7\r\n\r\n")
+
+
+SPOOFED = (
+    b"GET /ws HTTP/1.1\r\n"
+    b"x-forwarded-proto: gopher\r\n"
+    b"X-Forwarded-For: 1.1.1.1\r\n"
+    b"Host: h\r\n"
+    b"Forwarded: for=6.6.6.6;proto=https\r\n"
+    b"X-Forwarded-For:2.2.2.2 \r\n"
+    b"X-Forwarded-Host: evil\r\n"
+    b"X-Real-IP: 6.6.6.6\r\n"
+    b"X-Forwarded-Port: 1\r\n"
+    b"x-forwarded-prefix: /admin\r\n"
+    b"X-Forwarded-Ssl: on\r\n"
+    b"Cookie: a=b\r\n"
+    b"X-Forwarded: for=6.6.6.6\r\n"
+    b"\r\n"
+)
+
+
+def test_forwarded_head_untrusted_replaces_every_forwarding_line() -> None:
+    fwd = forwarded_head(parse_request_head(SPOOFED), peer_ip="::1", proto="https")
     assert fwd == (
         b"GET /ws HTTP/1.1\r\n"
-        b"X-Forwarded-For: 1.1.1.1\r\n"
         b"Host: h\r\n"
-        b"X-Forwarded-For: 2.2.2.2, ::1\r\n"
         b"Cookie: a=b\r\n"
+        # Not an X-Forwarded-* name (no dash after it): an ordinary header, kept.
+        b"X-Forwarded: for=6.6.6.6\r\n"
+        b"X-Forwarded-For: ::1\r\n"
         b"X-Forwarded-Proto: https\r\n"
         b"X-Forwarded-Host: h\r\n"
+        b"X-Real-IP: ::1\r\n"
         b"\r\n"
+    )
+    # client_ip changes nothing for a stranger: X-Real-IP is the peer.
+    same = forwarded_head(
+        parse_request_head(SPOOFED), peer_ip="::1", proto="https", client_ip="6.6.6.6"
+    )
+    assert same == fwd
+
+
+def test_forwarded_head_trusted_keeps_and_appends_the_peer() -> None:
+    fwd = forwarded_head(
+        parse_request_head(SPOOFED),
+        peer_ip="10.0.0.2",
+        proto="http",
+        trusted=True,
+        client_ip="2.2.2.2",
+    )
+    assert fwd == SPOOFED.replace(
+        b"X-Forwarded-For:2.2.2.2 \r\n", b"X-Forwarded-For: 2.2.2.2, 10.0.0.2\r\n"
     )
 
 
 def test_forwarded_head_empty_xff_and_no_host() -> None:
     raw = b"GET / HTTP/1.0\r\nX-Forwarded-For:\r\nX-Forwarded-Host: spoof\r\n\r\n"
-    fwd = forwarded_head(parse_request_head(raw), peer_ip="1.2.3.4", proto="http")
-    assert fwd == b"GET / HTTP/1.0\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: http\r\n\r\n"
+    r = parse_request_head(raw)
+    fwd = forwarded_head(r, peer_ip="1.2.3.4", proto="http")
+    assert fwd == (
+        b"GET / HTTP/1.0\r\n"
+        b"X-Forwarded-For: 1.2.3.4\r\n"
+        b"X-Forwarded-Proto: http\r\n"
+        b"X-Real-IP: 1.2.3.4\r\n"
+        b"\r\n"
+    )
+    fwd = forwarded_head(r, peer_ip="1.2.3.4", proto="http", trusted=True)
+    assert fwd == (
+        b"GET / HTTP/1.0\r\n"
+        b"X-Forwarded-For: 1.2.3.4\r\n"
+        b"X-Forwarded-Host: spoof\r\n"
+        b"X-Forwarded-Proto: http\r\n"
+        b"X-Real-IP: 1.2.3.4\r\n"
+        b"\r\n"
+    )
 
 
 def test_forwarded_head_rejects_bad_arguments() -> None:
     r = parse_request_head(UPGRADE)
-    for peer, proto in (
-        ("1.2.3.4\r\nX: y", "http"),
-        ("1.2.3.4", "ht\ntp"),
-        ("", "http"),
-        ("1.2.3.4", " "),
-        ("\u0100", "http"),
+    for peer, proto, client in (
+        ("1.2.3.4\r\nX: y", "http", None),
+        ("1.2.3.4", "ht\ntp", None),
+        ("", "http", None),
+        ("1.2.3.4", " ", None),
+        ("\u0100", "http", None),
+        ("1.2.3.4", "http", ""),
+        ("1.2.3.4", "http", " \t"),
+        ("1.2.3.4", "http", "1.2.3.4\r\nX-Real-IP: 6.6.6.6"),
     ):
-        with pytest.raises(ValueError):
-            forwarded_head(r, peer_ip=peer, proto=proto)
+        for trusted in (False, True):
+            with pytest.raises(ValueError):
+                forwarded_head(r, peer_ip=peer, proto=proto, trusted=trusted, client_ip=client)
     bogus = RequestHead("GET", "/", "HTTP/1.1", [], b"GET / HTTP/1.1")
     with pytest.raises(ValueError):
         forwarded_head(bogus, peer_ip="1.2.3.4", proto="http")
+
+
+_arg_text = st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x17F), max_size=16)
+
+
+@FAST
+@given(_arg_text, _arg_text, st.one_of(st.none(), _arg_text), st.booleans())
+def test_forwarded_head_arguments_cannot_inject_lines(
+    peer: str, proto: str, client: str | None, trusted: bool
+) -> None:
+    r = parse_request_head(UPGRADE)
+    try:
+        fwd = forwarded_head(r, peer_ip=peer, proto=proto, trusted=trusted, client_ip=client)
+    except ValueError:
+        return
+    f = parse_request_head(fwd)
+    assert f.headers[: len(r.headers)] == r.headers
+    assert f.headers[len(r.headers) :] == [
+        ("X-Forwarded-For", peer.strip(" \t")),
+        ("X-Forwarded-Proto", proto.strip(" \t")),
+        ("X-Forwarded-Host", "example.com:8080"),
+        ("X-Real-IP", (client if trusted and client is not None else peer).strip(" \t")),
+    ]
+
+
+# ---------------------------------------------------------------- client_address
+
+TRUSTED = [
+    ipaddress.ip_network("127.0.0.1"),
+    ipaddress.ip_network("10.0.0.0/8"),
+    ipaddress.ip_network("::1"),
+]
+
+
+@pytest.mark.parametrize(
+    ("lines", "peer", "expected"),
+    [
+        # A stranger's headers are never read.
+        ([b"X-Forwarded-For: 6.6.6.6"], "192.0.2.9", "192.0.2.9"),
+        ([b"X-Real-IP: 6.6.6.6", b"Forwarded: for=6.6.6.6"], "192.0.2.9", "192.0.2.9"),
+        ([b"X-Forwarded-For: 6.6.6.6"], "::ffff:192.0.2.9", "192.0.2.9"),
+        ([b"X-Forwarded-For: 6.6.6.6"], "2001:DB8::0:1", "2001:db8::1"),
+        # Trusted peer without forwarding headers: the peer.
+        ([], "127.0.0.1", "127.0.0.1"),
+        ([b"Forwarded: for=203.0.113.5"], "127.0.0.1", "127.0.0.1"),
+        # The rightmost untrusted entry; trusted hops are skipped.
+        ([b"X-Forwarded-For: 203.0.113.5"], "127.0.0.1", "203.0.113.5"),
+        ([b"X-Forwarded-For: 6.6.6.6, 203.0.113.5, 10.1.1.1"], "127.0.0.1", "203.0.113.5"),
+        ([b"X-Forwarded-For: 6.6.6.6,203.0.113.5 ,\t10.1.1.1"], "::1", "203.0.113.5"),
+        ([b"X-Forwarded-For: 2001:db8::7, ::1"], "::ffff:127.0.0.1", "2001:db8::7"),
+        # All lines count, in order (RFC 9110 §5.3), not just the first or the last.
+        (
+            [b"X-Forwarded-For: 6.6.6.6", b"X-Forwarded-For: 203.0.113.5, 10.0.0.2"],
+            "127.0.0.1",
+            "203.0.113.5",
+        ),
+        (
+            [b"X-Forwarded-For: 203.0.113.5", b"x-forwarded-for: 10.0.0.2"],
+            "127.0.0.1",
+            "203.0.113.5",
+        ),
+        # X-Forwarded-For wins over X-Real-IP.
+        ([b"X-Real-IP: 198.51.100.7", b"X-Forwarded-For: 203.0.113.5"], "127.0.0.1", "203.0.113.5"),
+        # Only trusted entries: X-Real-IP, else the leftmost (uvicorn's choice).
+        ([b"X-Forwarded-For: 10.0.0.1, 10.0.0.2"], "127.0.0.1", "10.0.0.1"),
+        (
+            [b"X-Forwarded-For: 10.0.0.1, 10.0.0.2", b"X-Real-IP: 198.51.100.7"],
+            "127.0.0.1",
+            "198.51.100.7",
+        ),
+        ([b"X-Real-IP: 198.51.100.7"], "127.0.0.1", "198.51.100.7"),
+        ([b"X-Real-IP: 10.0.0.3"], "127.0.0.1", "10.0.0.3"),
+        # A non-address ends the walk: what is left of it is nobody's word.
+        ([b"X-Forwarded-For: 6.6.6.6, unknown, 10.0.0.2"], "127.0.0.1", "10.0.0.2"),
+        ([b"X-Forwarded-For: 6.6.6.6, _hidden"], "127.0.0.1", "127.0.0.1"),
+        ([b"X-Forwarded-For: 6.6.6.6,,"], "127.0.0.1", "127.0.0.1"),
+        ([b"X-Forwarded-For:"], "127.0.0.1", "127.0.0.1"),
+        ([b"X-Forwarded-For: 6.6.6.6, unknown", b"X-Real-IP: 198.51.100.7"], "::1", "198.51.100.7"),
+        # X-Real-IP only when it is one line holding an address.
+        ([b"X-Real-IP: 198.51.100.7", b"X-Real-IP: 6.6.6.6"], "127.0.0.1", "127.0.0.1"),
+        ([b"X-Real-IP: 198.51.100.7, 6.6.6.6"], "127.0.0.1", "127.0.0.1"),
+        ([b"X-Real-IP: client.example"], "127.0.0.1", "127.0.0.1"),
+        # Ports and brackets (some load balancers add them), normalised away.
+        ([b"X-Forwarded-For: 203.0.113.5:8080"], "127.0.0.1", "203.0.113.5"),
+        ([b"X-Forwarded-For: [2001:db8::1]:443"], "127.0.0.1", "2001:db8::1"),
+        ([b"X-Forwarded-For: [2001:DB8:0::1]"], "127.0.0.1", "2001:db8::1"),
+        ([b"X-Forwarded-For: 6.6.6.6, [::ffff:10.0.0.9]:1"], "127.0.0.1", "6.6.6.6"),
+        ([b"X-Forwarded-For: ::ffff:203.0.113.5"], "127.0.0.1", "203.0.113.5"),
+        ([b"X-Real-IP: [2001:db8::5]:80"], "127.0.0.1", "2001:db8::5"),
+        # Peers that are not plain IPv4 in a trusted network.
+        ([b"X-Forwarded-For: 6.6.6.6"], "fe80::1%eth0", "fe80::1%eth0"),
+        ([b"X-Forwarded-For: 6.6.6.6"], "not-an-address", "not-an-address"),
+        ([b"X-Forwarded-For: 6.6.6.6"], "", ""),
+        ([b"X-Forwarded-For: 2001:db8::9"], "10.9.8.7", "2001:db8::9"),
+    ],
+)
+def test_client_address(lines: list[bytes], peer: str, expected: str) -> None:
+    assert client_address(req(*lines), peer, TRUSTED) == expected
+
+
+@pytest.mark.parametrize(
+    ("peer", "expected"),
+    [
+        ("127.0.0.1", True),
+        ("10.200.0.1", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),
+        ("::ffff:10.0.0.5", True),
+        ("127.0.0.2", False),
+        ("11.0.0.1", False),
+        ("::2", False),
+        ("fe80::1%eth0", False),
+        ("not-an-address", False),
+        ("", False),
+    ],
+)
+def test_peer_is_trusted(peer: str, expected: bool) -> None:
+    assert peer_is_trusted(peer, TRUSTED) is expected
+    assert peer_is_trusted(peer, []) is False
+
+
+def test_client_address_nobody_trusted() -> None:
+    r = req(b"X-Forwarded-For: 203.0.113.5", b"X-Real-IP: 203.0.113.5")
+    assert client_address(r, "127.0.0.1", []) == "127.0.0.1"
+    v6_only = [ipaddress.ip_network("::/0")]
+    assert client_address(r, "127.0.0.1", v6_only) == "127.0.0.1"
+    assert client_address(r, "::1", v6_only) == "203.0.113.5"
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "[2001:db8::1",
+        "[2001:db8::1]x",
+        "[2001:db8::1]:",
+        "[2001:db8::1]:123456",
+        "[2001:db8::1]:8a",
+        "203.0.113.9:",
+        "203.0.113.9:http",
+        "203.0.113.9:123456",
+        "fe80::1%eth0",
+        "[fe80::1%25eth0]:80",
+        "01.2.3.4",
+        "1.2.3.4.5",
+        "1.2.3",
+        "2001:db8::1::2",
+        "a" * 60,
+        "1" * 60,
+        "localhost",
+        "unknown",
+    ],
+)
+def test_client_address_refuses_non_addresses(entry: str) -> None:
+    # The walk stops at the bad entry: neither it nor the address left of it is taken.
+    r = req(f"X-Forwarded-For: 203.0.113.5, {entry}".encode("latin-1"))
+    assert client_address(r, "127.0.0.1", TRUSTED) == "127.0.0.1"
+    r = req(f"X-Real-IP: {entry}".encode("latin-1"))
+    assert client_address(r, "127.0.0.1", TRUSTED) == "127.0.0.1"
+
+
+_xff_entry = st.one_of(
+    st.sampled_from(
+        [
+            "10.0.0.1",
+            "203.0.113.5",
+            "::1",
+            "[2001:db8::2]:80",
+            "::ffff:10.0.0.9",
+            "unknown",
+            "",
+            "1.2.3.4:99999",
+            "fe80::1%eth0",
+        ]
+    ),
+    st.text(alphabet="0123456789abcdefABCDEF:.[]%_ ", max_size=60),
+)
+
+
+@FAST
+@given(
+    st.lists(st.lists(_xff_entry, max_size=6), max_size=3),
+    st.lists(_xff_entry, max_size=2),
+    st.sampled_from(["127.0.0.1", "::1", "10.2.3.4", "192.0.2.1", "2001:db8::99"]),
+)
+def test_client_address_is_always_a_normalised_address(
+    xff: list[list[str]], real: list[str], peer: str
+) -> None:
+    lines = [b"X-Forwarded-For: " + ", ".join(entries).encode() for entries in xff]
+    lines += [b"X-Real-IP: " + value.encode() for value in real]
+    got = client_address(req(*lines), peer, TRUSTED)
+    assert str(ipaddress.ip_address(got)) == got
+    assert len(got) <= 39  # the longest IPv6 text form: never header text
+    if peer in ("192.0.2.1", "2001:db8::99"):
+        assert got == peer
+    else:
+        # Whatever it is, it was written in the head (in some form) or it is the peer.
+        entries = [e for line in xff for entry in line for e in entry.split(",")] + real
+        assert got == peer or got in {a for e in entries for a in _readings(e)}
+
+
+def _readings(entry: str) -> set[str]:
+    """Every address `entry` could be read as (bare, bracketed, with a port)."""
+    e = entry.strip(" \t")
+    out = set()
+    for form in (e, e.lstrip("[").split("]")[0], e.rsplit(":", 1)[0]):
+        with contextlib.suppress(ValueError):
+            ip = ipaddress.ip_address(form)
+            out.add(str(getattr(ip, "ipv4_mapped", None) or ip))
+    return out
 
 
 # ---------------------------------------------------------------- upgrade detection
