@@ -78,6 +78,11 @@ def _tick(when: float, interval: float) -> float:
 
 _rng = random.Random()
 
+# After a 101 a connection is HTTP no more: its message streams are swapped for these
+# shared, never-fed ones, so that an idle relay does not keep two of its own.
+_SPENT_REQUESTS = RequestStream(0)
+_SPENT_RESPONSES = ResponseStream(0)
+
 #: A connection over a limit at accept is read this long at most (for its head), then
 #: answered 429/503: answering before the request arrives risks a reset that loses it.
 REFUSE_READ = 1.0
@@ -574,7 +579,9 @@ class Relay(asyncio.Protocol):
         self.state = State.EVENTS
         hub = self.proxy.events
         assert hub is not None  # created at start when a route has mode: events
-        hub.accept(self, req, self.reqs.take_pending())
+        held = self.reqs.take_pending()
+        self.reqs, self.resps = _SPENT_REQUESTS, _SPENT_RESPONSES
+        hub.accept(self, req, held)
 
     def _client_tls(self) -> bool:
         cl = self.client
@@ -783,6 +790,7 @@ class Relay(asyncio.Protocol):
             self.bytes_out += len(rest)
             cl.write(rest)
         pending = self.reqs.take_pending()
+        self.reqs, self.resps = _SPENT_REQUESTS, _SPENT_RESPONSES
         if pending:
             self.bytes_in += len(pending)
             up.write(pending)
@@ -834,6 +842,7 @@ class Relay(asyncio.Protocol):
         if rest:
             self._upstream_frames(rest)
         held = self.reqs.take_pending()
+        self.reqs, self.resps = _SPENT_REQUESTS, _SPENT_RESPONSES
         if held and self.state is State.RELAY:
             self._client_frames(held)
         self._client_reading()
