@@ -486,7 +486,6 @@ class ForwardedSettings(BaseModel):
         return self._networks
 
 
-
 class LogSettings(BaseModel):
     model_config = _MODEL
 
