@@ -187,6 +187,9 @@ class RequestStream:
     def _read_head(self, data: bytes, out: list[RequestEvent]) -> bytes:
         self._head += data
         end = http.find_head_end(self._head, self._max, self._searched)
+        if _bare_lf(self._head, self._searched, end):
+            # Refused at once, not when a CRLFCRLF that may never come arrives.
+            raise HttpError(400, "bare LF in head")
         if end < 0:
             self._searched = len(self._head)
             return b""
@@ -321,11 +324,14 @@ class ResponseStream:
         return []
 
     def _read_head(self, data: bytes, out: list[ResponseEvent]) -> bytes:
+        start = len(self._head)
         self._head += data
         try:
-            end = http.find_head_end(self._head, self._max)
+            end = http.find_head_end(self._head, self._max, start)
         except HttpError:
             raise HttpError(502, "upstream response head too large") from None
+        if _bare_lf(self._head, start, end):
+            raise HttpError(502, "bare LF in upstream response head")
         if end < 0:
             return b""
         raw = bytes(self._head[:end])
@@ -414,6 +420,8 @@ class _Body:
                     # h11 ends a trailer section at a bare LF; a peer that wants CRLF
                     # would read on, and see our next message inside this one.
                     raise HttpError(self.status, "bare LF in chunked framing")
+                if event.headers and _forbidden_trailer(list(event.headers)):
+                    raise HttpError(self.status, "framing or routing field in trailers")
                 if used:
                     out.append(data[:used] if used < len(data) else data)
                 return rest
@@ -426,6 +434,40 @@ class _Body:
             if not isinstance(event, h11.Data):
                 # PAUSED: h11 frames no body after this message (a 2xx to CONNECT).
                 raise HttpError(self.status, "unexpected message framing")
+
+
+def _bare_lf(buf: bytearray, start: int, end: int) -> bool:
+    """Whether ``buf[start:end]`` (to the end when ``end`` < 0) holds an LF not preceded
+    by CR (the byte before ``start`` counts as preceding)."""
+    stop = len(buf) if end < 0 else end
+    i = buf.find(b"\n", start, stop)
+    while i >= 0:
+        if i == 0 or buf[i - 1] != 0x0D:
+            return True
+        i = buf.find(b"\n", i + 1, stop)
+    return False
+
+
+#: Fields that must not arrive in a trailer section (RFC 9110 §6.5.1): they frame,
+#: route or identify the message, and what the proxy checked or rewrote in the head
+#: must not be overridden after it.
+_TRAILER_FORBIDDEN = frozenset(
+    {
+        b"content-length",
+        b"transfer-encoding",
+        b"host",
+        b"connection",
+        b"upgrade",
+        b"te",
+        b"trailer",
+        b"forwarded",
+        b"x-real-ip",
+    }
+)
+
+
+def _forbidden_trailer(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(n in _TRAILER_FORBIDDEN or n.startswith(b"x-forwarded-") for n, _ in headers)
 
 
 def _next(conn: h11.Connection, status: int) -> object:

@@ -86,6 +86,9 @@ _SPENT_RESPONSES = ResponseStream(0)
 #: A connection over a limit at accept is read this long at most (for its head), then
 #: answered 429/503: answering before the request arrives risks a reset that loses it.
 REFUSE_READ = 1.0
+#: At most this many connections wait for such a short read at once; more are closed
+#: without an answer.
+REFUSING_MAX = 1000
 
 
 class State(enum.Enum):
@@ -158,6 +161,7 @@ class Relay(asyncio.Protocol):
         "_deadline_kind",
         "_events_request",
         "_finished",
+        "_forwarding",
         "_handshake_timer",
         "_held",
         "_ka_config",
@@ -240,6 +244,7 @@ class Relay(asyncio.Protocol):
         self._resp_done = False  # ... and its response forwarded in full
         self._resp_started = False  # its final response head went to the client
         self._keep = True  # both messages of this exchange allow another one
+        self._forwarding = False  # the current request's head went (or waits) upstream
         self._client_eof = False
         self._up_paused = False  # the upstream's write buffer is full
         self._events_request: RequestHead | None = None  # an upgrade on an events route
@@ -381,7 +386,16 @@ class Relay(asyncio.Protocol):
 
     def _refuse_at_accept(self, status: int, message: str) -> None:
         """Over a connection limit: read briefly (so that the answer is not lost to a
-        reset from unread request bytes), then answer ``status`` and close."""
+        reset from unread request bytes), then answer ``status`` and close. Beyond
+        ``REFUSING_MAX`` such connections at once, close at once: a flood must not
+        hold a socket per connection attempt for a second each."""
+        if len(self.proxy.refusing) >= REFUSING_MAX:
+            self.state = State.CLOSED
+            self._finished = True
+            self.proxy.refused_at_accept(self, status)
+            assert self.client is not None
+            self.client.close()
+            return
         self.state = State.REFUSING
         self.status = status
         self.proxy.refusing.add(self)
@@ -430,8 +444,11 @@ class Relay(asyncio.Protocol):
                 self._reject(408, "request head not received in time")
         elif state is State.CONNECTING or state is State.EXCHANGE:
             if self._resp_started:
-                return
-            if kind == "body":
+                # Part of the response is with the client: no status can follow, so a
+                # stalled body (the client's or the upstream's) can only be cut.
+                self.closed_by = "proxy:body_timeout" if kind == "body" else "proxy:read_timeout"
+                self.abort()
+            elif kind == "body":
                 self._reject(408, "request body not received in time")
             else:
                 self._reject(504, "upstream did not answer in time")
@@ -476,6 +493,7 @@ class Relay(asyncio.Protocol):
         self.route = None
         self._req_done = self._resp_done = self._resp_started = False
         self._keep = True
+        self._forwarding = False
         config = self.config
         if self.trusted_peer():
             ip = http.client_address(req, self.peer_ip, config.forwarded.networks())
@@ -500,6 +518,17 @@ class Relay(asyncio.Protocol):
             if not upgrade:
                 self._reject(426, "WebSocket upgrade required", [("Upgrade", "websocket")])
                 return
+            if req.get("transfer-encoding") is not None or req.get("content-length") not in (
+                None,
+                "0",
+            ):
+                # wsproxy is the endpoint: there is nobody to read a body, and its bytes
+                # must not go anywhere else.
+                self._reject(400, "a WebSocket upgrade has no body")
+                return
+            # No earlier upstream connection may see anything of this request.
+            self._abort_upstream()
+            self._forget_upstream()
             self.route = route
             self._events_request = req
             return
@@ -533,6 +562,7 @@ class Relay(asyncio.Protocol):
             trusted=self.trusted_peer(),
             client_ip=self.ip,
         )
+        self._forwarding = True
         if reuse:
             assert up is not None
             self.state = State.EXCHANGE
@@ -548,6 +578,8 @@ class Relay(asyncio.Protocol):
         task.add_done_callback(self._connect_done)
 
     def _to_upstream(self, data: bytes) -> None:
+        if not self._forwarding:
+            return  # a body of a request that goes nowhere (refused, or ours to answer)
         if self.state is State.CONNECTING:
             self._held += data
             return
@@ -555,7 +587,7 @@ class Relay(asyncio.Protocol):
         if up is not None and not self._upstream_lost:
             self.bytes_in += len(data)
             up.write(data)
-        if self._deadline_kind == "body" and not self._resp_started:
+        if self._deadline_kind == "body":
             self._arm_deadline("body", self.config.limits.idle_timeout)
 
     def _request_end(self, end: MessageEnd) -> None:
@@ -566,7 +598,8 @@ class Relay(asyncio.Protocol):
             self._events_request = None
             self._hand_to_events(events_req)
             return
-        if self._deadline_kind == "body" and not self._resp_started:
+        if self._deadline_kind == "body":
+            # Sent in full: from here the upstream's silence is what is bounded.
             self._arm_deadline("response", self.config.upstream.response_timeout)
         self._client_reading()
         if self._resp_done:
@@ -644,7 +677,12 @@ class Relay(asyncio.Protocol):
                 self.proxy.upstream_error(self, failure[0])
                 self._reject(failure[1], failure[2])
             return
-        if self.state is not State.CONNECTING or self.upstream is None or self._upstream_lost:
+        if (
+            self.state is not State.CONNECTING
+            or self.upstream is None
+            or self._upstream_lost
+            or self._upstream_eof  # closed right after accepting (uvloop reports it here)
+        ):
             if self.state is State.CONNECTING:
                 self.proxy.upstream_error(self, "closed")
                 self._reject(502, "upstream closed the connection")
@@ -729,7 +767,10 @@ class Relay(asyncio.Protocol):
                     continue
                 self.status = status
                 self._resp_started = True
-                self._stop_handshake_timer()
+                if self._req_done:
+                    # Between two reads of the body, like nginx's proxy_read_timeout.
+                    self._arm_deadline("response", self.config.upstream.response_timeout)
+                # else: the client's body deadline stays armed until its request ends.
                 self.proxy.connection_accepted(self, tunnel=True)
             elif t is MessageEnd:
                 self._resp_done = True
@@ -741,6 +782,8 @@ class Relay(asyncio.Protocol):
                 body = cast(bytes, ev)
                 self.bytes_out += len(body)
                 cl.write(body)
+                if self._deadline_kind == "response":
+                    self._arm_deadline("response", self.config.upstream.response_timeout)
 
     def _bad_response(self, reason: str) -> None:
         self.proxy.upstream_error(self, "bad_response")
@@ -1205,8 +1248,7 @@ class Relay(asyncio.Protocol):
                 elif self._client_close_sent and self.client_code is not None:
                     self.client.close()
         elif state is State.EXCHANGE:
-            if not self._upstream_eof:
-                self._response_ended()
+            self._response_ended()  # a no-op when its end was already seen
         elif state is State.TUNNEL and self.client is not None:
             self.client.close()
         elif state is State.HEAD:
@@ -1269,13 +1311,24 @@ class Relay(asyncio.Protocol):
         self._life_timer = self._utimer = None
         self._handshake_timer = None
         self._held.clear()
+        if self.cscan is None:
+            # Never a relay (its last request may have been a refused upgrade on a
+            # route): its bytes count as passthrough, and it has no close codes.
+            self.route = None
         self.proxy.connection_closed(self)
 
     def traffic(self) -> tuple[int, int, int, int]:
-        """Bytes in, bytes out, frames in, frames out (in: from the client)."""
+        """Bytes in, bytes out, frames in, frames out (in: from the client). A relay's
+        frames are its scanners' totals; an events connection's, its session's (it
+        has no scanners); a tunnel counts none."""
         cs, us = self.cscan, self.uscan
         if cs is not None and us is not None:
             return cs.bytes, us.bytes, cs.frames, us.frames
+        route, hub = self.route, self.proxy.events
+        if route is not None and route.mode == "events" and hub is not None:
+            session = hub.session_of(self)
+            if session is not None:
+                return self.bytes_in, self.bytes_out, session.frames_in, session.frames_out
         return self.bytes_in, self.bytes_out, 0, 0
 
     def snapshot(self) -> dict[str, Any]:
@@ -1304,24 +1357,34 @@ class Relay(asyncio.Protocol):
         """Fields for the close log line; never credentials."""
         ka = self.ka
         b_in, b_out, f_in, f_out = self.traffic()
-        return {
+        route = self.route
+        fields: dict[str, Any] = {
             "id": self.id,
-            "route": self.route.path if self.route else None,
+            "route": route.path if route else None,
             "peer": self.peer,
             "path": self.path,
             "status": self.status,
             "duration_s": round(_now() - self.started, 3),
             "client_code": self.client_code,
-            "upstream_code": self.upstream_code,
-            "closed_by": self.closed_by,
-            "bytes_in": b_in,
-            "bytes_out": b_out,
-            "frames_in": f_in,
-            "frames_out": f_out,
-            "pings": ka.pings_sent if ka else 0,
-            "pongs": ka.pongs_received if ka else 0,
-            "rtt_ms": round(ka.last_rtt * 1000, 3) if ka and ka.last_rtt is not None else None,
         }
+        if route is not None and route.mode == "events":
+            # wsproxy is the endpoint: no upstream, and the other Close is its own.
+            hub = self.proxy.events
+            session = hub.session_of(self) if hub is not None else None
+            fields["proxy_code"] = session.sent_code if session is not None else None
+        else:
+            fields["upstream_code"] = self.upstream_code
+        fields.update(
+            closed_by=self.closed_by,
+            bytes_in=b_in,
+            bytes_out=b_out,
+            frames_in=f_in,
+            frames_out=f_out,
+            pings=ka.pings_sent if ka else 0,
+            pongs=ka.pongs_received if ka else 0,
+            rtt_ms=round(ka.last_rtt * 1000, 3) if ka and ka.last_rtt is not None else None,
+        )
+        return fields
 
 
 def _close_code(payload: bytes) -> int:

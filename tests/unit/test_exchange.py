@@ -1012,3 +1012,54 @@ def test_property_responses_cut_anywhere(msgs: list[Message], data: st.DataObjec
     assert not isinstance(out[-1], MessageEnd)  # the last one ends only with the close
     out += s.feed_eof()
     assert split_messages(merged(out), ResponseHead) == expected(msgs)
+
+
+@pytest.mark.parametrize(
+    "trailer",
+    [
+        b"Content-Length: 50",
+        b"Transfer-Encoding: chunked",
+        b"Host: evil.example",
+        b"X-Forwarded-For: 6.6.6.6",
+        b"forwarded: for=6.6.6.6",
+        b"X-Real-IP: 6.6.6.6",
+        b"Connection: close",
+    ],
+)
+def test_trailers_may_not_carry_framing_routing_or_forwarding_fields(trailer: bytes) -> None:
+    # RFC 9110 §6.5.1; and what the proxy rewrote in the head must not come back after it.
+    body = b"3\r\nabc\r\n0\r\n" + trailer + b"\r\n\r\n"
+    s = RequestStream(MAX)
+    s.feed(CHUNKED_HEAD)
+    with pytest.raises(HttpError) as e:
+        s.feed(body)
+    assert e.value.status == 400
+    assert response_error(RCHUNKED_HEAD + body) == 502
+
+
+def test_ordinary_trailers_pass_verbatim() -> None:
+    body = b"3\r\nabc\r\n0\r\nX-Checksum: 900150983cd24fb0\r\nServer-Timing: db;dur=53\r\n\r\n"
+    s = RequestStream(MAX)
+    events = s.feed(CHUNKED_HEAD + body)
+    assert events[1:] == [body, MessageEnd(True)]
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        (b"GET / HTTP/1.1\nHost: a\n", 400),  # no CRLFCRLF yet: refused without waiting
+        (b"GET / HTTP/1.1\r\nHost: a\n", 400),
+    ],
+)
+def test_bare_lf_in_an_unfinished_request_head_is_refused_at_once(head: bytes, status: int) -> None:
+    with pytest.raises(HttpError) as e:
+        RequestStream(MAX).feed(head)
+    assert e.value.status == status
+
+
+def test_bare_lf_in_an_unfinished_response_head_is_refused_at_once() -> None:
+    s = ResponseStream(MAX)
+    s.expect("GET")
+    with pytest.raises(HttpError) as e:
+        s.feed(b"HTTP/1.1 200 OK\nContent-Length: 0\n")
+    assert e.value.status == 502
