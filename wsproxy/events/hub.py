@@ -236,6 +236,10 @@ class EventsHub:
         if session is not None:
             session.abort()
 
+    def session_of(self, relay: Relay) -> Session | None:
+        """The session serving ``relay``, until it has been reported closed."""
+        return self.sessions.get(relay)
+
     def session_ended(self, session: Session) -> None:
         self.sessions.pop(session.relay, None)
         for t in session.topics:

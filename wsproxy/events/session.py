@@ -72,6 +72,8 @@ class Session(asyncio.Protocol):
         "_wdl",
         "allowed",
         "closing",
+        "frames_in",
+        "frames_out",
         "hub",
         "ka",
         "loop",
@@ -110,6 +112,10 @@ class Session(asyncio.Protocol):
         self.qbytes = 0
         self.paused = False
         self.closing = False  # we sent (or echoed) a Close: no more events
+        # Frames each way, for the close line, /connections and wsproxy_frames_total
+        # (the relay's own totals come from its frame scanners, which a session has not).
+        self.frames_in = 0
+        self.frames_out = 0
         self._frag: bytearray | None = None  # a fragmented text message being received
         self._timer: asyncio.TimerHandle | None = self.loop.call_at(
             ka.next_wakeup(), self._on_timer
@@ -133,6 +139,7 @@ class Session(asyncio.Protocol):
         proto = self.proto
         proto.receive_data(data)
         events = proto.events_received()
+        self.frames_in += len(events)  # after the handshake, every event is a frame
         if self.settings.liveness == "any_frame" and events:
             self.ka.on_data(self.loop.time())
         for ev in events:
@@ -141,7 +148,7 @@ class Session(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self.proto.receive_eof()
-        self.proto.events_received()
+        self.frames_in += len(self.proto.events_received())
         self._flush_proto()
         return None  # the transport closes itself
 
@@ -199,8 +206,9 @@ class Session(asyncio.Protocol):
         pending = self.pending
         if not pending or self.closing:
             return
-        self._write(pending[0] if len(pending) == 1 else b"".join(pending))
-        self.hub.delivered += len(pending)
+        n = len(pending)
+        self._write(pending[0] if n == 1 else b"".join(pending), n)
+        self.hub.delivered += n
         pending.clear()
 
     def _drain_queue(self) -> None:
@@ -422,6 +430,13 @@ class Session(asyncio.Protocol):
         if self._close_timer is None and not self._finished:
             self._close_timer = self.loop.call_later(self.settings.close_timeout, self.abort)
 
+    @property
+    def sent_code(self) -> int | None:
+        """The code of the Close wsproxy sent as the endpoint (1005 for a Close without
+        a code, RFC 6455 §7.1.5), or None if it sent none."""
+        sent = self.proto.close_sent
+        return int(sent.code) if sent is not None else None
+
     # ------------------------------------------------------------------ plumbing
 
     def _discard(self) -> None:
@@ -433,13 +448,16 @@ class Session(asyncio.Protocol):
             self.queue.clear()
             self.qbytes = 0
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, count: int = 1) -> None:
+        """Write ``count`` whole frames (``data``) to the client."""
         if self._finished:
             return
         self.relay.bytes_out += len(data)
+        self.frames_out += count
         self.transport.write(data)
 
     def _flush_proto(self) -> None:
+        # websockets serialises one frame per chunk; b"" stands for the end of the stream.
         for chunk in self.proto.data_to_send():
             if chunk:
                 self._write(chunk)
@@ -462,18 +480,20 @@ class Session(asyncio.Protocol):
             self._cancel(h)
         self._timer = self._wdl = self._close_timer = self._life_timer = self._exp_timer = None
         self._discard()
-        self.hub.session_ended(self)
         relay = self.relay
         proto = self.proto
-        # Log fields: client_code is the client's Close, upstream_code the one wsproxy
-        # sent as the endpoint (it is this route's upstream).
+        # The client's Close; the one wsproxy sent is sent_code (there is no upstream,
+        # so relay.upstream_code stays None).
         if proto.close_rcvd is not None:
-            relay.client_code = proto.close_rcvd.code
-        if proto.close_sent is not None:
-            relay.upstream_code = proto.close_sent.code
+            relay.client_code = int(proto.close_rcvd.code)
         if relay.closed_by is None:
             exc = proto.parser_exc
             bad = exc is not None and not isinstance(exc, EOFError)
             relay.closed_by = "proxy:protocol_error" if bad else "client_gone"
         relay.state = State.CLOSED
-        relay.proxy.connection_closed(relay)
+        try:
+            # Reported while still in hub.sessions: the close line and the metrics
+            # read this session's frame counts and sent_code through the relay.
+            relay.proxy.connection_closed(relay)
+        finally:
+            self.hub.session_ended(self)
