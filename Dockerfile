@@ -45,8 +45,8 @@ ENV PATH=/opt/wsproxy/bin:$PATH \
     PYTHONUNBUFFERED=1
 USER 10001:10001
 WORKDIR /tmp
-# 8080: clients (listen); 9100: admin (/healthz, /readyz, /metrics), see admin.listen.
-EXPOSE 8080 9100
+# 8080: clients (listen); 9081: admin (/healthz, /readyz, /metrics), see admin.listen.
+EXPOSE 8080 9081
 # Exec form, no shell in between: SIGTERM reaches wsproxy, which drains and exits 0.
 ENTRYPOINT ["wsproxy"]
 CMD ["run", "--config", "/etc/wsproxy/config.yaml"]

@@ -1,6 +1,6 @@
 """The admin listener: /metrics, /healthz, /readyz and /connections.
 
-A separate address from the proxy's (default 127.0.0.1:9100) so that probes and
+A separate address from the proxy's (default 127.0.0.1:9081) so that probes and
 scrapes never compete with clients and are never exposed by the client Service.
 Admin traffic is a few requests a minute, so each request may have its own task;
 the proxy's own connections never do.
@@ -49,12 +49,20 @@ class AdminServer:
         self.host = ""
         self.port = 0
 
-    async def start(self) -> None:
+    async def bind(self) -> None:
+        """Take ``admin.listen`` without accepting yet (OSError when it cannot)."""
         cfg = self.proxy.config
         self._server = await asyncio.start_server(
-            self._handle, cfg.admin.host, cfg.admin.port, reuse_address=True
+            self._handle, cfg.admin.host, cfg.admin.port, reuse_address=True, start_serving=False
         )
         self.host, self.port = self._server.sockets[0].getsockname()[:2]
+
+    async def start_serving(self) -> None:
+        """Accept requests on the address :meth:`bind` took."""
+        assert self._server is not None, "bind() first"
+        await self._server.start_serving()
+
+    def log_listening(self) -> None:
         log.info("admin listening", extra={"fields": {"admin": f"{self.host}:{self.port}"}})
 
     async def close(self) -> None:

@@ -10,12 +10,16 @@ from typing import Annotated, Any
 import typer
 
 from wsproxy import __version__
-from wsproxy.config import Config, ConfigError, effective_yaml, load_config
+from wsproxy.config import Config, ConfigError, effective_yaml, load_config, parse_duration
 from wsproxy.logs import setup_logging
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    # Plain help: from typer 0.29 the Rich panel prints a type after every flag
+    # (``--help <bool>``); the plain formatter prints flags as flags, on every version.
+    rich_markup_mode=None,
     help="WebSocket keep-alive sidecar: pings clients, enforces pong and write deadlines, "
     "relays everything else verbatim.",
 )
@@ -25,6 +29,7 @@ ConfigOpt = Annotated[
     typer.Option(
         "--config",
         "-c",
+        metavar="FILE",
         envvar="WSPROXY_CONFIG",
         help="YAML configuration file (or set WSPROXY_CONFIG).",
         show_default=False,
@@ -63,22 +68,28 @@ def run_async(coro: Coroutine[Any, Any, int]) -> int:
 def run(
     config: ConfigOpt = None,
     listen: Annotated[
-        str | None, typer.Option(help="HOST:PORT to listen on (overrides listen).")
+        str | None,
+        typer.Option(metavar="HOST:PORT", help="Where to listen (overrides listen)."),
     ] = None,
     upstream: Annotated[
-        str | None, typer.Option(help="ws:// or wss:// upstream URL (overrides upstream.url).")
+        str | None,
+        typer.Option(metavar="URL", help="ws:// or wss:// upstream (overrides upstream.url)."),
     ] = None,
     ping_interval: Annotated[
-        str | None, typer.Option(help="e.g. 30s (overrides keepalive.ping_interval).")
+        str | None,
+        typer.Option(metavar="DURATION", help="e.g. 30s (overrides keepalive.ping_interval)."),
     ] = None,
     pong_wait: Annotated[
-        str | None, typer.Option(help="e.g. 60s (overrides keepalive.pong_wait).")
+        str | None,
+        typer.Option(metavar="DURATION", help="e.g. 60s (overrides keepalive.pong_wait)."),
     ] = None,
     write_wait: Annotated[
-        str | None, typer.Option(help="e.g. 10s (overrides keepalive.write_wait).")
+        str | None,
+        typer.Option(metavar="DURATION", help="e.g. 10s (overrides keepalive.write_wait)."),
     ] = None,
     log_level: Annotated[
-        str | None, typer.Option(help="debug|info|warning|error (overrides log.level).")
+        str | None,
+        typer.Option(metavar="LEVEL", help="debug|info|warning|error (overrides log.level)."),
     ] = None,
 ) -> None:
     """Run the proxy until SIGTERM/SIGINT, then drain and exit 0."""
@@ -100,17 +111,44 @@ def run(
 
     try:
         code = run_async(serve(cfg, config_path=config, overrides=overrides))
+    except ConfigError as e:
+        # An address taken, a certificate or key that does not load: the key and the
+        # file or address, one line each, no traceback; exit 2 like any config error.
+        _fail(e.lines)
+        return
     except OSError as e:
-        # Typically the listen address is taken: one line, not a traceback.
-        _fail([f"listen: cannot listen on {cfg.listen}: {e.strerror or e}"])
+        _fail([f"cannot start: {e.strerror or e}"])
         return
     raise typer.Exit(code)
 
 
+def _load_tls_and_keys(cfg: Config) -> None:
+    """Load what ``run`` loads before it binds anything, with the same code: the TLS
+    certificate chain and key (and that they match), the upstream CA file, and the
+    events route's JWT key. Raises ConfigError naming the key at fault."""
+    from wsproxy.server import client_ssl_context, upstream_ssl_context
+
+    client_ssl_context(cfg)
+    upstream_ssl_context(cfg)
+    ev = cfg.events
+    if ev is not None and ev.auth != "none" and any(r.mode == "events" for r in cfg.routes):
+        from wsproxy.events.auth import Authorizer
+
+        Authorizer(ev.auth, ev.allowed_origins)
+
+
 @app.command()
 def check(config: ConfigOpt = None) -> None:
-    """Validate the configuration and print it with every default filled in."""
+    """Validate the configuration and print it with every default filled in.
+
+    Loads the TLS certificate, key and CA file and the events JWT key as run does, so
+    that a configuration that passes check also starts.
+    """
     cfg = _load(config, {})
+    try:
+        _load_tls_and_keys(cfg)
+    except ConfigError as e:
+        _fail(e.lines)
     typer.echo(effective_yaml(cfg), nl=False)
 
 
@@ -120,20 +158,42 @@ def version() -> None:
     typer.echo(f"wsproxy {__version__}")
 
 
+def _durations(**options: str) -> dict[str, float]:
+    """Command-line durations (``5s``, ``250ms``, ``2m``, ``1.5``) as seconds, parsed as
+    the configuration parses them; exit 2 naming each bad option."""
+    seconds: dict[str, float] = {}
+    errors: list[str] = []
+    for name, text in options.items():
+        try:
+            seconds[name] = parse_duration(text)
+        except ValueError as e:
+            errors.append(f"--{name.replace('_', '-')}: {e}")
+    if errors:
+        _fail(errors)
+    return seconds
+
+
 @app.command()
 def demo(
-    port: Annotated[int, typer.Option(help="Port for the proxy on 127.0.0.1.")] = 8080,
-    ping_interval: Annotated[float, typer.Option(help="Seconds between pings.")] = 5.0,
-    pong_wait: Annotated[float, typer.Option(help="Seconds to wait for a pong.")] = 12.0,
+    port: Annotated[
+        int, typer.Option(metavar="PORT", help="Port for the proxy on 127.0.0.1.")
+    ] = 8080,
+    ping_interval: Annotated[
+        str, typer.Option(metavar="DURATION", help="Time between pings, e.g. 5s.")
+    ] = "5s",
+    pong_wait: Annotated[
+        str, typer.Option(metavar="DURATION", help="Time to wait for a pong, e.g. 12s.")
+    ] = "12s",
 ) -> None:
     """Start a small echo upstream and wsproxy in front of it, on 127.0.0.1."""
     from wsproxy.demo import run_demo
 
+    times = _durations(ping_interval=ping_interval, pong_wait=pong_wait)
+    if not 0 < times["ping_interval"] < times["pong_wait"]:
+        _fail(["--ping-interval: must be positive and less than --pong-wait"])
     setup_logging("debug", "text")
-    if not 0 < ping_interval < pong_wait:
-        _fail(["keepalive.ping_interval: must be positive and less than pong_wait"])
     try:
-        code = run_async(run_demo(port, ping_interval, pong_wait))
+        code = run_async(run_demo(port, times["ping_interval"], times["pong_wait"]))
     except OSError as e:
         _fail([f"demo: cannot listen on 127.0.0.1:{port}: {e.strerror or e} (try --port)"])
         return

@@ -8,13 +8,15 @@ prints them and exits with status 2.
 from __future__ import annotations
 
 import copy
+import difflib
+import functools
 import ipaddress
 import math
 import re
 from collections.abc import Mapping
 from fractions import Fraction
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import SplitResult, urlsplit
 
 import yaml
@@ -522,7 +524,7 @@ class AdminSettings(BaseModel):
     model_config = _MODEL
 
     enabled: bool = True
-    listen: Annotated[str, AfterValidator(_check_listen)] = "127.0.0.1:9100"
+    listen: Annotated[str, AfterValidator(_check_listen)] = "127.0.0.1:9081"
 
     @property
     def host(self) -> str:
@@ -828,8 +830,6 @@ def _message(err: Mapping[str, Any]) -> str:
     kind: str = err["type"]
     ctx: Mapping[str, Any] = err.get("ctx") or {}
     value = err.get("input")
-    if kind == "extra_forbidden":
-        return "unknown key"
     if kind == "missing":
         return "missing required key"
     if kind == "value_error":
@@ -863,14 +863,71 @@ def _message(err: Mapping[str, Any]) -> str:
     return f"{msg} (got {_show(value)})"
 
 
+def _nested_model(annotation: Any) -> type[BaseModel] | None:
+    """The model class a field holds: ``M``, ``M | None``, ``list[M]``, ``Literal[...] | M``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _nested_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+@functools.cache
+def _models_by_name() -> dict[str, type[BaseModel]]:
+    """Every model reachable from :class:`Config`, by class name (a ValidationError's
+    ``title``: a sub-model validated on its own, like ``EventsAuth``, reports its keys
+    relative to itself)."""
+    found: dict[str, type[BaseModel]] = {}
+    todo: list[type[BaseModel]] = [Config]
+    while todo:
+        model = todo.pop()
+        found[model.__name__] = model
+        todo += [
+            m
+            for field in model.model_fields.values()
+            if (m := _nested_model(field.annotation)) is not None and m.__name__ not in found
+        ]
+    return found
+
+
+def _model_at(root: type[BaseModel], path: tuple[str | int, ...]) -> type[BaseModel] | None:
+    """The model that validates the mapping at ``path`` below ``root``; None when no model
+    does (list indexes are stepped over: the list's field names its item model)."""
+    model = root
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        nested = _nested_model(field.annotation) if field is not None else None
+        if nested is None:
+            return None
+        model = nested
+    return model
+
+
+def _unknown_key(root: type[BaseModel] | None, loc: tuple[str | int, ...]) -> str:
+    """``unknown key``, plus the closest key allowed at that level when one is close."""
+    model = _model_at(root, loc[:-1]) if root is not None else None
+    if model is not None:
+        close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+        if close:
+            return f"unknown key (did you mean {_show(close[0])}?)"
+    return "unknown key"
+
+
 def _error_items(exc: ValidationError) -> list[tuple[tuple[str | int, ...], str]]:
     """(key path, message) per error of a pydantic ValidationError."""
+    root = _models_by_name().get(exc.title)
     items: list[tuple[tuple[str | int, ...], str]] = []
     for err in exc.errors():
         loc: tuple[str | int, ...] = tuple(err["loc"])
         error = (err.get("ctx") or {}).get("error")
         if err["type"] == "value_error" and isinstance(error, _KeyErrors):
             items.extend((loc + sub, msg) for sub, msg in error.errors)
+        elif err["type"] == "extra_forbidden":
+            items.append((loc, _unknown_key(root, loc)))
         else:
             items.append((loc, _message(err)))
     return items

@@ -13,7 +13,9 @@ import collections
 import contextlib
 import logging
 import os
+import re
 import signal
+import socket
 import ssl
 import time
 from pathlib import Path
@@ -29,23 +31,155 @@ from wsproxy.relay import Relay
 log = logging.getLogger("wsproxy")
 
 
+class _EncryptedKey(Exception):
+    """Raised by the password callback: OpenSSL asks for a passphrase only for an
+    encrypted key, and without a callback it would prompt on the terminal."""
+
+
+def _no_passphrase() -> bytes:
+    raise _EncryptedKey
+
+
+def _reason(exc: OSError) -> str:
+    """An OS or OpenSSL error in a few words, without asyncio's "error while attempting
+    to bind on address ('h', p):" prefix or OpenSSL's "(_ssl.c:NNNN)" suffix."""
+    if isinstance(exc, ssl.SSLError):
+        if exc.reason:
+            return str(exc.reason).lower().replace("_", " ")
+        return re.sub(r"\s*\(_ssl\.c:\d+\)$", "", str(exc.strerror or exc))
+    if exc.errno and not isinstance(exc, socket.gaierror):
+        return os.strerror(exc.errno).lower()
+    return str(exc.strerror or exc).lower()
+
+
+def _cannot_listen(key: str, address: str, exc: OSError) -> ConfigError:
+    return ConfigError([f"{key}: cannot listen on {address}: {_reason(exc)}"])
+
+
+def _zmq_error(config: Config, exc: Exception) -> ConfigError:
+    """``zmq.endpoints.N: cannot bind|connect ENDPOINT: why``. pyzmq appends
+    ``(addr='ENDPOINT')`` to a bind or connect error, which says which N."""
+    assert config.zmq is not None  # an events route requires it (checked at load)
+    endpoints = config.zmq.endpoints
+    verb = "bind" if config.zmq.bind else "connect"
+    text = str(getattr(exc, "strerror", None) or exc)
+    why = re.sub(r"\s*\(addr=.*\)$", "", text).lower()
+    for i, endpoint in enumerate(endpoints):
+        if f"addr={endpoint!r}" in text:
+            return ConfigError([f"zmq.endpoints.{i}: cannot {verb} {endpoint}: {why}"])
+    return ConfigError([f"zmq.endpoints: cannot {verb} {', '.join(endpoints)}: {why}"])
+
+
+def _unreadable(key: str, path: Path) -> str | None:
+    """``key: cannot read 'path': why`` when the file cannot be read, else None."""
+    try:
+        path.read_bytes()
+    except OSError as exc:
+        return f"{key}: cannot read '{path}': {_reason(exc)}"
+    return None
+
+
+def _certificate_problem(key: str, path: Path) -> str | None:
+    """What keeps OpenSSL from reading a PEM certificate (chain) from ``path``, as
+    ``key: 'path': ...``; None when it reads at least one."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(path))
+    except ssl.SSLError as exc:
+        if b"-----BEGIN CERTIFICATE-----" not in path.read_bytes():
+            why = "no -----BEGIN CERTIFICATE----- block"
+        else:
+            why = f"a certificate block does not decode: {_reason(exc)}"
+        return f"{key}: '{path}': not a PEM certificate ({why})"
+    return None
+
+
+def _private_key_problem(key: str, path: Path) -> str | None:
+    """What keeps ``path`` from being an unencrypted PEM private key, else None."""
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    data = path.read_bytes()
+    if b"PRIVATE KEY-----" not in data:
+        return f"{key}: '{path}': not a PEM private key (no -----BEGIN ... PRIVATE KEY----- block)"
+    try:
+        load_pem_private_key(data, password=None)
+    except (TypeError, ValueError) as exc:
+        return f"{key}: '{path}': not a usable PEM private key ({exc})"
+    return None
+
+
+def _load_server_certificate(ctx: ssl.SSLContext, cert: Path, key: Path) -> None:
+    """``ctx.load_cert_chain(cert, key)``, with a failure reported as a ConfigError line
+    naming ``tls.cert_file`` or ``tls.key_file`` and saying what is wrong with it:
+    unreadable, not a PEM certificate, not a PEM private key, an encrypted key (there is
+    no passphrase setting), or a key that does not belong to the certificate."""
+    try:
+        ctx.load_cert_chain(str(cert), str(key), password=_no_passphrase)
+        return
+    except _EncryptedKey:
+        line = (
+            f"tls.key_file: '{key}': the private key is encrypted; wsproxy has no "
+            "passphrase setting (store it decrypted, readable by wsproxy only)"
+        )
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            line = f"tls.key_file: '{key}': does not match the certificate in '{cert}'"
+        else:
+            line = (
+                _certificate_problem("tls.cert_file", cert)
+                or _private_key_problem("tls.key_file", key)
+                # Both parse, and OpenSSL still refuses: its policy (a key too small, a
+                # weak digest) is about the certificate.
+                or f"tls.cert_file: '{cert}': refused by OpenSSL ({_reason(exc)})"
+            )
+    except OSError as exc:
+        line = (
+            _unreadable("tls.cert_file", cert)
+            or _unreadable("tls.key_file", key)
+            or f"tls.cert_file: '{cert}': {_reason(exc)}"
+        )
+    raise ConfigError([line])
+
+
 def client_ssl_context(config: Config) -> ssl.SSLContext | None:
+    """The TLS context for client connections (``tls``), None without TLS.
+
+    TLS 1.2 or later, ALPN ``http/1.1`` only. Raises ConfigError naming
+    ``tls.cert_file`` or ``tls.key_file`` when they do not load (see
+    :func:`_load_server_certificate`); ``wsproxy check`` calls this too, so that a
+    configuration that passes ``check`` gets past this point at ``run``.
+    """
     if config.tls is None:
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(str(config.tls.cert_file), str(config.tls.key_file))
+    _load_server_certificate(ctx, config.tls.cert_file, config.tls.key_file)
     # WebSocket upgrades exist only in HTTP/1.1: never let a client pick h2.
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
 
 
 def upstream_ssl_context(config: Config) -> ssl.SSLContext | None:
+    """The TLS context for a ``wss://`` upstream, None for ``ws://``.
+
+    Verifies against ``upstream.tls.ca_file`` when set, else the system's CAs. Raises
+    ConfigError naming ``upstream.tls.ca_file`` when that file holds no PEM
+    certificate or cannot be read (``wsproxy check`` calls this too).
+    """
     up = config.upstream
     if not up.secure:
         return None
     tls = up.tls
-    ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    try:
+        ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    except OSError as exc:
+        assert tls.ca_file is not None  # the system's store does not fail to load
+        raise ConfigError(
+            [
+                _unreadable("upstream.tls.ca_file", tls.ca_file)
+                or _certificate_problem("upstream.tls.ca_file", tls.ca_file)
+                or f"upstream.tls.ca_file: '{tls.ca_file}': {_reason(exc)}"
+            ]
+        ) from None
     if not tls.verify:
         # Explicit opt-out, for a loopback upstream whose certificate names the public host.
         ctx.check_hostname = False
@@ -103,41 +237,86 @@ class Proxy:
         return len(self.connections)
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        if any(r.mode == "events" for r in self.config.routes):
-            from wsproxy.events import EventsHub
+        """Take every address (the events source's, ``listen``, ``admin.listen``), then
+        serve and log them: nothing says ``listening``, and nothing accepts, until all
+        of them are bound.
 
-            self.events = EventsHub(self)
-            await self.events.start()
-        self._server = await loop.create_server(
-            lambda: Relay(self),
-            self.config.listen_host,
-            self.config.listen_port,
-            ssl=self._client_ssl,
-            ssl_handshake_timeout=self.config.limits.handshake_timeout
-            if self._client_ssl
-            else None,
-            backlog=1024,
-            reuse_address=True,
-        )
-        sock = self._server.sockets[0]
-        name = sock.getsockname()
+        Raises ConfigError naming the key whose address cannot be used
+        (``zmq.endpoints.N``, ``listen``, ``admin.listen``, or a key of ``events.auth``);
+        whatever was already bound is released again.
+        """
+        loop = asyncio.get_running_loop()
+        config = self.config
+        admin = AdminServer(self) if config.admin.enabled else None
+        try:
+            if any(r.mode == "events" for r in config.routes):
+                import zmq
+
+                from wsproxy.events import EventsHub
+
+                self.events = EventsHub(self)
+                try:
+                    await self.events.start()
+                except zmq.ZMQError as exc:
+                    raise _zmq_error(config, exc) from None
+            try:
+                self._server = await loop.create_server(
+                    lambda: Relay(self),
+                    config.listen_host,
+                    config.listen_port,
+                    ssl=self._client_ssl,
+                    ssl_handshake_timeout=config.limits.handshake_timeout
+                    if self._client_ssl
+                    else None,
+                    backlog=1024,
+                    reuse_address=True,
+                    start_serving=False,
+                )
+            except OSError as exc:
+                raise _cannot_listen("listen", config.listen, exc) from None
+            if admin is not None:
+                try:
+                    await admin.bind()
+                except OSError as exc:
+                    raise _cannot_listen("admin.listen", config.admin.listen, exc) from None
+            # Two sockets may share a port with SO_REUSEADDR until one of them
+            # listens: listen() is where that conflict shows.
+            try:
+                await self._server.start_serving()
+            except OSError as exc:
+                raise _cannot_listen("listen", config.listen, exc) from None
+            if admin is not None:
+                try:
+                    await admin.start_serving()
+                except OSError as exc:
+                    raise _cannot_listen("admin.listen", config.admin.listen, exc) from None
+        except BaseException:
+            if admin is not None:
+                await admin.close()
+            if self._server is not None:
+                self._server.close()
+                self._server = None
+            if self.events is not None:
+                await self.events.close()
+                self.events = None
+            raise
+        self.admin = admin
+        name = self._server.sockets[0].getsockname()
         self.host, self.port = name[0], name[1]
         log.info(
             "listening",
             extra={
                 FIELDS: {
                     "listen": f"{self.host}:{self.port}",
-                    "upstream": self.config.upstream.url,
-                    "routes": [r.path for r in self.config.routes],
+                    "upstream": config.upstream.url,
+                    "routes": [r.path for r in config.routes],
                     "tls": self._client_ssl is not None,
                 }
             },
         )
         self.log_routes()
-        if self.config.admin.enabled:
-            self.admin = AdminServer(self)
-            await self.admin.start()
+        if admin is not None:
+            admin.log_listening()
 
     async def close(self, grace: float | None = None, spread: float = 0.0) -> None:
         """Stop accepting and close every connection with 1001 "going away".
@@ -398,11 +577,22 @@ class Proxy:
     def upstream_error(self, conn: Relay, reason: str) -> None:
         self.stats["upstream_errors"] += 1
         self.metrics.connect_errors.labels(reason).inc()
-        if not conn.counted:
-            conn.closed_by = "upstream_error"
+        # The refusal that follows counts as upstream_error, not as the status we send,
+        # whichever request of the connection it was.
+        conn.closed_by = "upstream_error"
         log.warning(
             "upstream error",
-            extra={FIELDS: {"event": "upstream_error", "id": conn.id, "reason": reason}},
+            extra={
+                FIELDS: {
+                    "event": "upstream_error",
+                    "id": conn.id,
+                    # Which route and path failed, so an operator can tell one broken
+                    # upstream endpoint from another; never the query (tokens live there).
+                    "route": conn.route.path if conn.route is not None else None,
+                    "path": conn.path,
+                    "reason": reason,
+                }
+            },
         )
 
     def ping_sent(self, conn: Relay) -> None:
@@ -471,11 +661,13 @@ async def serve(
             return
         try:
             new = load_config(config_path, overrides)
+            # A changed upstream loads its CA file here: a bad one is refused like a
+            # bad file, and the running configuration stays.
+            ignored = proxy.reload(new)
         except ConfigError as e:
             for line in e.lines:
                 log.error("reload refused", extra={FIELDS: {"error": line}})
             return
-        ignored = proxy.reload(new)
         setup_logging(new.log.level, new.log.format)
         for key in ignored:
             log.warning("reload: setting ignored until restart", extra={FIELDS: {"key": key}})

@@ -36,6 +36,7 @@ import zmq
 import wsproxy.relay
 from tests.integration.test_events import Publisher
 from tests.support import MS
+from tests.support.admin import scrape
 from tests.support.helpers import wait_until
 from tests.support.rawclient import RawClient, parse_response_head
 from tests.support.scripted import HEAD_END, Reply, ScriptedUpstream, ok, response
@@ -466,4 +467,32 @@ async def test_request_head_with_bare_lf_gets_400_promptly(
     await proxy_answer(c, 400, within=handshake_timeout / 3)
     await settle()
     assert up.all_received() == b""
+    await wait_released(p, WITHIN)
+
+
+# ------------------------------------------------------ 8. per-request upstream errors
+
+
+async def test_upstream_gone_on_a_later_request_counts_as_upstream_error(
+    make_config, proxy, client, scripted
+):
+    """The review's note 8: an upstream failure on the second request of a connection
+    was counted as ``refused_502`` (only a first request could be ``upstream_error``)."""
+    up = await scripted([Reply([response(200, b"first")], then="close")])
+    p = await proxy(make_config(up.url))
+    c = await client(p)
+    c.send_raw(request("GET", "/a"))
+    first = await c.read_response(within=WITHIN)
+    assert first.status == 200 and first.body == b"first"
+    await up.close()  # the upstream is gone: the next request cannot reconnect
+    c.send_raw(request("GET", "/b"))
+    await proxy_answer(c, 502, within=WITHIN)
+    samples = await scrape(p)
+    outcomes = {
+        dict(labels)["outcome"]: n
+        for (name, labels), n in samples.items()
+        if name == "wsproxy_connections_total" and dict(labels)["route"] == "passthrough"
+    }
+    assert outcomes.get("upstream_error") == 1
+    assert outcomes.get("refused_502", 0) == 0
     await wait_released(p, WITHIN)

@@ -41,7 +41,7 @@ def test_check_prints_effective_config_with_defaults(good: Path) -> None:
     assert data["keepalive"]["ping_interval"] == "30s"
     assert data["keepalive"]["pong_wait"] == "60s"
     assert data["keepalive"]["write_wait"] == "10s"
-    assert data["admin"]["listen"] == "127.0.0.1:9100"
+    assert data["admin"]["listen"] == "127.0.0.1:9081"
     assert set(data["shutdown"]) == {"drain_delay", "close_spread", "grace_period"}
 
 
@@ -58,7 +58,7 @@ def test_bad_config_names_the_key_and_exits_2(tmp_path: Path) -> None:
         result = runner.invoke(app, [command, "--config", str(p)])
         assert result.exit_code == 2
         lines = result.output.strip().splitlines()
-        assert "keepalive.ping_intervl: unknown key" in lines
+        assert "keepalive.ping_intervl: unknown key (did you mean 'ping_interval'?)" in lines
         assert any(line.startswith("keepalive.pong_wait: ") for line in lines)
         assert "Traceback" not in result.output
 
@@ -122,4 +122,68 @@ def test_run_flag_errors_name_the_key(good: Path) -> None:
 def test_demo_rejects_inverted_intervals() -> None:
     result = runner.invoke(app, ["demo", "--ping-interval", "5", "--pong-wait", "2"])
     assert result.exit_code == 2
-    assert "ping_interval" in result.output
+    assert "--ping-interval: must be positive and less than --pong-wait" in result.output
+
+
+@pytest.fixture
+def demo_args(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, float, float]]:
+    """What ``demo`` hands to ``run_demo`` (which is not run)."""
+    calls: list[tuple[int, float, float]] = []
+
+    async def fake_run_demo(port: int, ping_interval: float, pong_wait: float) -> int:
+        calls.append((port, ping_interval, pong_wait))
+        return 0
+
+    monkeypatch.setattr("wsproxy.demo.run_demo", fake_run_demo)
+    monkeypatch.setattr("wsproxy.cli.setup_logging", lambda *a: None)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("ping", "pong", "seconds"),
+    [("2s", "5s", (2.0, 5.0)), ("250ms", "1.5", (0.25, 1.5)), ("1m", "2m", (60.0, 120.0))],
+)
+def test_demo_takes_durations_like_run(
+    demo_args: list[tuple[int, float, float]], ping: str, pong: str, seconds: tuple[float, float]
+) -> None:
+    result = runner.invoke(
+        app, ["demo", "--port", "18099", "--ping-interval", ping, "--pong-wait", pong]
+    )
+    assert result.exit_code == 0, result.output
+    assert demo_args == [(18099, *seconds)]
+
+
+def test_demo_defaults_and_bad_durations(demo_args: list[tuple[int, float, float]]) -> None:
+    assert runner.invoke(app, ["demo"]).exit_code == 0
+    assert demo_args == [(8080, 5.0, 12.0)]
+    result = runner.invoke(app, ["demo", "--ping-interval", "2x", "--pong-wait", "-1"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith("--ping-interval: invalid duration '2x' (use e.g. 30s")
+    assert lines[1].startswith("--pong-wait: ")
+    assert len(demo_args) == 1  # the bad one never started
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["check"], ["version"], ["demo"]])
+def test_help_shows_flags_plainly_and_takes_h(command: list[str]) -> None:
+    for flag in ("-h", "--help"):
+        result = runner.invoke(app, [*command, flag])
+        assert result.exit_code == 0, result.output
+        assert result.output.startswith("Usage: ")
+        help_line = next(line for line in result.output.splitlines() if "--help" in line)
+        assert help_line.split() == ["-h,", "--help", "Show", "this", "message", "and", "exit."]
+        assert "<bool>" not in result.output
+
+
+def test_run_help_names_what_each_option_takes() -> None:
+    out = runner.invoke(app, ["run", "-h"]).output
+    for option, takes in [
+        ("--config", "FILE"),
+        ("--listen", "HOST:PORT"),
+        ("--upstream", "URL"),
+        ("--ping-interval", "DURATION"),
+        ("--pong-wait", "DURATION"),
+        ("--write-wait", "DURATION"),
+        ("--log-level", "LEVEL"),
+    ]:
+        assert f"{option} {takes}" in out, option

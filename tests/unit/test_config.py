@@ -347,8 +347,8 @@ def test_new_key_defaults() -> None:
     assert cfg.routes[0].mode == "relay"
     assert cfg.limits.max_connections_per_ip is None
     assert cfg.upstream.keepalive is None
-    assert (cfg.admin.enabled, cfg.admin.listen) == (True, "127.0.0.1:9100")
-    assert (cfg.admin.host, cfg.admin.port) == ("127.0.0.1", 9100)
+    assert (cfg.admin.enabled, cfg.admin.listen) == (True, "127.0.0.1:9081")
+    assert (cfg.admin.host, cfg.admin.port) == ("127.0.0.1", 9081)
     sd = cfg.shutdown
     assert (sd.drain_delay, sd.close_spread, sd.grace_period) == (5.0, 10.0, 20.0)
     assert cfg.zmq is None
@@ -957,7 +957,8 @@ def test_tls_file_unreadable(tmp_path: Path) -> None:
 )
 def test_unknown_keys(data: dict[str, Any], key: str) -> None:
     lines = errors_of(data)
-    assert f"{key}: unknown key" in lines
+    # Either the bare message or one with a hint (test_unknown_key_suggests_...).
+    assert [line for line in lines if line.startswith(f"{key}: unknown key")], lines
     # tls also lacks its two required files; everything else is only the unknown key
     assert len(lines) == (3 if key == "tls.cert" else 1), lines
 
@@ -1301,7 +1302,7 @@ def test_effective_yaml_fills_defaults(tmp_path: Path) -> None:
     assert data["upstream"]["tls"] == {"ca_file": None, "server_name": None, "verify": True}
     assert data["upstream"]["keepalive"] is None
     assert data["tls"] is None
-    assert data["admin"] == {"enabled": True, "listen": "127.0.0.1:9100"}
+    assert data["admin"] == {"enabled": True, "listen": "127.0.0.1:9081"}
     assert data["shutdown"] == {"drain_delay": "5s", "close_spread": "10s", "grace_period": "20s"}
     assert data["zmq"] is None
     assert data["events"] is None
@@ -1417,3 +1418,69 @@ def test_response_and_idle_timeouts_take_durations() -> None:
     with pytest.raises(ConfigError) as e:
         parse_config(minimal(limits={"idle_timeout": 0}))
     assert e.value.lines == ["limits.idle_timeout: must be positive (got 0)"]
+
+
+# ------------------------------------------------------- unknown keys: did you mean
+
+
+@pytest.mark.parametrize(
+    ("data", "line"),
+    [
+        (
+            minimal(keepalive={"ping_intreval": "20s"}),
+            "keepalive.ping_intreval: unknown key (did you mean 'ping_interval'?)",
+        ),
+        (minimal(lisen="0.0.0.0:80"), "lisen: unknown key (did you mean 'listen'?)"),
+        (
+            minimal(routes=[{"path": "/a"}, {"path": "/b", "keepalive": {"pong_wiat": "9s"}}]),
+            "routes.1.keepalive.pong_wiat: unknown key (did you mean 'pong_wait'?)",
+        ),
+        (
+            minimal(upstream={"url": "ws://h", "tls": {"server_nmae": "h"}}),
+            "upstream.tls.server_nmae: unknown key (did you mean 'server_name'?)",
+        ),
+        # events.auth is validated on its own (EventsAuth): the hint still comes from
+        # the keys allowed at jwt's level.
+        (
+            minimal(
+                events={
+                    "auth": {"jwt": {"secret_env": "K", "algoritms": []}, "allow_topics": ["a"]}
+                }
+            ),
+            "events.auth.jwt.algoritms: unknown key (did you mean 'algorithms'?)",
+        ),
+    ],
+)
+def test_unknown_key_suggests_the_close_allowed_key(data: dict[str, Any], line: str) -> None:
+    assert one_error(data) == line
+
+
+@pytest.mark.parametrize(
+    ("data", "line"),
+    [
+        (minimal(admin={"port": 9081}), "admin.port: unknown key"),
+        (minimal(colour="blue"), "colour: unknown key"),
+        # A key of another level is no suggestion: pong_wait is allowed in keepalive,
+        # not in routes.
+        (minimal(routes=[{"path": "/", "pong_wait": "5s"}]), "routes.0.pong_wait: unknown key"),
+    ],
+)
+def test_unknown_key_without_a_close_match_says_only_that(data: dict[str, Any], line: str) -> None:
+    assert one_error(data) == line
+
+
+def test_key_hint_lookup_outside_the_model_tree() -> None:
+    # A path through a plain value or a missing field has no model, so no hint; nor has
+    # an error from a model that Config does not contain.
+    assert cfgmod._model_at(Config, ("listen",)) is None
+    assert cfgmod._model_at(Config, ("nope", "x")) is None
+    assert cfgmod._model_at(Config, ("routes", 0, "keepalive")) is KeepaliveOverride
+    assert cfgmod._unknown_key(None, ("ping_intreval",)) == "unknown key"
+
+
+def test_default_admin_port_is_clear_of_prometheus_exporters() -> None:
+    # 9100 is node_exporter's, and 9090-9999 is Prometheus' exporter range, allocated
+    # to the last port (docs/configuration.md, admin).
+    cfg = parse_config(minimal())
+    assert cfg.admin.listen == "127.0.0.1:9081"
+    assert not 9090 <= cfg.admin.port <= 9999
