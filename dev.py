@@ -1,12 +1,21 @@
 """Set-up commands for a fresh machine that has only Python 3.11 (standard library only).
 
     python3 dev.py demo [ARGS...]    wsproxy demo: an echo upstream with wsproxy in front of it
-    python3 dev.py test [PYTEST...]  ruff check, ruff format --check, mypy --strict, pytest
+    python3 dev.py test              the full gate, what CI runs (.ci/run): chart, alert
+                                     rule and Dockerfile checks (.ci/chart-checks.sh, which
+                                     installs helm, promtool, kubernetes-validate and
+                                     hadolint the first time),
+                                     ruff check, ruff format --check, mypy --strict wsproxy,
+                                     then every test once: tests/unit under coverage (the
+                                     pure modules need 100% of their branches from the unit
+                                     tests alone), then the rest of the suite
+    python3 dev.py test PYTEST...    only pytest with these arguments (e.g. -k keepalive)
     python3 dev.py bench [ARGS...]   python -m bench (see bench/__main__.py)
 
 Each creates .venv in the project root when missing and installs the project into it
-(editable, with the extras it needs); the install is redone only when pyproject.toml
-changed since the last one (a stamp file in .venv holds its hash).
+(editable, with only the extras it needs: none for demo, "test" for test); the install
+is redone only when pyproject.toml changed since the last one or an extra is missing (a
+stamp file in .venv holds the hash and the extras installed).
 """
 
 from __future__ import annotations
@@ -50,14 +59,41 @@ def ensure_venv(extras: set[str]) -> None:
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
     stamp = STAMP.read_text().strip() if STAMP.exists() else ""
     stamped_digest, _, stamped = stamp.partition(" ")
-    have = set(filter(None, stamped.split(","))) if stamped_digest == digest else set()
+    # Extras installed before stay installed (pip removes nothing), so a reinstall
+    # after pyproject.toml changed brings theirs up to date too.
+    have = set(filter(None, stamped.split(",")))
     if stamped_digest == digest and extras <= have:
         return
     want = ",".join(sorted(extras | have))
+    target = f".[{want}]" if want else "."
     os.environ.setdefault("PIP_DISABLE_PIP_VERSION_CHECK", "1")
     pip = [str(BIN / "python"), "-m", "pip", "install", "--quiet", "--progress-bar", "off"]
-    step([*pip, "-e", f".[{want}]"], f"pip install -e '.[{want}]'")
+    step([*pip, "-e", target], f"pip install -e '{target}'")
     STAMP.write_text(f"{digest} {want}\n")
+
+
+def full_gate() -> None:
+    """What CI runs; every test once, fail-fast."""
+    step(["bash", ".ci/chart-checks.sh"], "bash .ci/chart-checks.sh")
+    step([str(BIN / "ruff"), "check", "."], "ruff check .")
+    step([str(BIN / "ruff"), "format", "--check", "."], "ruff format --check .")
+    step([str(BIN / "mypy"), "--strict", "wsproxy"], "mypy --strict wsproxy")
+    pytest = [str(BIN / "python"), "-m", "pytest"]
+    # The pure modules are held to full branch coverage by their unit tests alone, so
+    # coverage runs over tests/unit only; the rest then runs without tracing overhead.
+    cov = [f"--cov=wsproxy.{m}" for m in PURE_MODULES]
+    step(
+        [
+            *pytest,
+            "tests/unit",
+            *cov,
+            "--cov-branch",
+            "--cov-report=term-missing:skip-covered",
+            "--cov-fail-under=100",
+        ],
+        "pytest tests/unit --cov (pure modules: 100% of branches)",
+    )
+    step([*pytest, "--ignore=tests/unit"], "pytest --ignore=tests/unit (everything else)")
 
 
 def main(argv: list[str]) -> None:
@@ -67,35 +103,20 @@ def main(argv: list[str]) -> None:
     command, args = argv[0], argv[1:]
     os.chdir(ROOT)
     if command == "demo":
-        ensure_venv({"test"})
+        ensure_venv(set())
         print(f"==> wsproxy demo {' '.join(args)}".rstrip(), flush=True)
         os.execv(BIN / "wsproxy", ["wsproxy", "demo", *args])
     elif command == "bench":
         ensure_venv({"test", "bench"})
         shown = " ".join(["python -m bench", *args])
         sys.exit(run([str(BIN / "python"), "-m", "bench", *args], shown=shown))
+    elif args:
+        ensure_venv({"test"})
+        shown = " ".join(["pytest", *args])
+        sys.exit(run([str(BIN / "python"), "-m", "pytest", *args], shown=shown))
     else:
         ensure_venv({"test"})
-        step([str(BIN / "ruff"), "check", "."], "ruff check .")
-        step([str(BIN / "ruff"), "format", "--check", "."], "ruff format --check .")
-        step([str(BIN / "mypy"), "--strict", "wsproxy"], "mypy --strict wsproxy")
-        # The pure modules are held to full branch coverage by their unit tests alone.
-        cov = [f"--cov=wsproxy.{m}" for m in PURE_MODULES]
-        step(
-            [
-                str(BIN / "python"),
-                "-m",
-                "pytest",
-                "-q",
-                "tests/unit",
-                *cov,
-                "--cov-branch",
-                "--cov-report=term-missing:skip-covered",
-                "--cov-fail-under=100",
-            ],
-            "pytest tests/unit --cov (pure modules, 100% branches)",
-        )
-        step([str(BIN / "python"), "-m", "pytest", *args], " ".join(["pytest", *args]))
+        full_gate()
 
 
 if __name__ == "__main__":

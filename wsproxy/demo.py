@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -54,6 +55,21 @@ async def _upstream_handler(ws: ServerConnection) -> None:
 
 
 DEMO_TOPIC = "customer_id:demo"
+
+
+def _say(text: str) -> None:
+    """Print for the person at the terminal. A stdout that is closed or whose reader
+    is gone (``wsproxy demo | head``) is not an error: the demo runs on and logs to
+    stderr."""
+    try:
+        print(text, flush=True)
+    except (OSError, ValueError):
+        # Python's advice for SIGPIPE-less programs: point stdout at /dev/null, or
+        # the flush at exit fails again and the exit code becomes 120.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
 
 
 async def _publish(sock: zmq.asyncio.Socket) -> None:
@@ -111,28 +127,40 @@ async def _run(port: int, ping_interval: float, pong_wait: float, zport: int) ->
         )
         proxy = Proxy(config)
         await proxy.start()
-        url = f"ws://127.0.0.1:{proxy.port}/v1.0/ws"
-        events = f"ws://127.0.0.1:{proxy.port}/v1.0/events"
-        subscribe = json.dumps({"type": "subscribe", "topics": [DEMO_TOPIC]})
-        print(
-            f"\nwsproxy demo: upstream echo on ws://127.0.0.1:{uport}, proxy on {url}\n"
-            f"  pings every {ping_interval:g}s, pong deadline {pong_wait:g}s.\n"
-            f"  Connect with:  {sys.executable} -m websockets {url}\n"
-            "  Type a line to see it echoed; the upstream ticks every "
-            f"{TICK_SECONDS:g}s. Ctrl-C stops.\n"
-            f"  Events route (served by wsproxy from ZeroMQ): {events}\n"
-            f"  connect to it the same way and send {subscribe}\n",
-            flush=True,
-        )
+        # Handlers first: a Ctrl-C right after the banner appears is an orderly stop too.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         try:
+            url = f"ws://127.0.0.1:{proxy.port}/v1.0/ws"
+            events = f"ws://127.0.0.1:{proxy.port}/v1.0/events"
+            subscribe = json.dumps({"type": "subscribe", "topics": [DEMO_TOPIC]})
+            admin = f"http://127.0.0.1:{proxy.admin.port}" if proxy.admin is not None else ""
+            _say(
+                f"\nwsproxy demo: upstream echo on ws://127.0.0.1:{uport}, proxy on {url}\n"
+                f"  pings every {ping_interval:g}s, pong deadline {pong_wait:g}s.\n"
+                f"  Connect with:  {sys.executable} -m websockets {url}\n"
+                "  Type a line to see it echoed; the upstream ticks every "
+                f"{TICK_SECONDS:g}s. Ctrl-C stops.\n"
+                f"  Events route (served by wsproxy from ZeroMQ): {events}\n"
+                f"  connect to it the same way and send {subscribe}\n"
+                f"  Admin on {admin}: metrics, the connection table, health:\n"
+                f"    curl -s {admin}/metrics | grep '^wsproxy_'\n"
+                f"    curl -s {admin}/connections\n"
+                f"    curl -s {admin}/readyz\n"
+            )
             await stop.wait()
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
-            print("\nstopping: closing connections with 1001", flush=True)
+            # Logged, not printed: after Ctrl-C on `wsproxy demo | tee log` the pipe's
+            # reader is gone, and nothing before proxy.close() may depend on stdout.
+            log.info(
+                "stopping: closing connections with 1001",
+                extra={FIELDS: {"connections": proxy.active}},
+            )
+            started = time.monotonic()
             await proxy.close(grace=2.0)
+            log.info("stopped", extra={FIELDS: {"close_s": round(time.monotonic() - started, 3)}})
     return 0
