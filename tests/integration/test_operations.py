@@ -203,11 +203,13 @@ async def test_max_lifetime_closes_with_1001(make_config, proxy, ws_upstream, cl
 
 async def test_reload_changes_cadence_of_open_connection(make_config, proxy, ws_upstream, client):
     up = await ws_upstream(echo)
-    p = await proxy(make_config(up, keepalive__ping_interval=30, keepalive__pong_wait=60))
+    # The first ping comes at a random phase in (0, interval]: an hour makes one within
+    # the next 200 ms all but impossible (30 s made it a 1-in-150 flake).
+    p = await proxy(make_config(up, keepalive__ping_interval=3600, keepalive__pong_wait=7200))
     c = await client(p)
     assert (await c.handshake("/ws")).status == 101
     await asyncio.sleep(200 * MS)
-    assert c.log.pings == []  # 30 s apart: none yet
+    assert c.log.pings == []  # an hour apart: none yet
     interval = 100 * MS
     ignored = p.reload(
         make_config(

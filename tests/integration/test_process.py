@@ -54,6 +54,9 @@ async def test_sigterm_drains_then_exits_0(run_proxy, ws_upstream):
     proc, port, admin, _ = await run_proxy(
         up.url,
         shutdown={"drain_delay": drain_delay, "close_spread": 100 * MS, "grace_period": grace},
+        # No keep-alive Ping may land in the window that asserts "no frame yet" (the
+        # first one comes at a random phase in (0, ping_interval]).
+        keepalive={"ping_interval": "1h", "pong_wait": "2h"},
     )
     clients = []
     for _ in range(3):
