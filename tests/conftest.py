@@ -207,6 +207,24 @@ async def ws_upstream() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
 
 
 @pytest.fixture
+async def scripted() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """``up = await scripted(replies, default=...)``: a started
+    :class:`~tests.support.scripted.ScriptedUpstream` (exact bytes, request by request)."""
+    from tests.support.scripted import ScriptedUpstream
+
+    made: list[ScriptedUpstream] = []
+
+    async def start(script: Any = (), **kw: Any) -> ScriptedUpstream:
+        up = ScriptedUpstream(script, **kw)
+        made.append(up)
+        return await up.start()
+
+    yield start
+    for up in made:
+        await up.close()
+
+
+@pytest.fixture
 async def raw_upstream() -> AsyncIterator[Callable[..., Awaitable[Any]]]:
     from tests.support.upstream import RawUpstream
 

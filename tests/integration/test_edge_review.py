@@ -27,7 +27,7 @@ import asyncio
 import contextlib
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -54,21 +54,6 @@ LONG = 30_000 * MS
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-async def scripted() -> AsyncIterator[Callable[..., Awaitable[ScriptedUpstream]]]:
-    """``up = await scripted(replies, default=...)``: a started ScriptedUpstream."""
-    made: list[ScriptedUpstream] = []
-
-    async def start(script: Sequence[Reply] = (), **kw: Any) -> ScriptedUpstream:
-        up = ScriptedUpstream(script, **kw)
-        made.append(up)
-        return await up.start()
-
-    yield start
-    for up in made:
-        await up.close()
 
 
 @pytest.fixture

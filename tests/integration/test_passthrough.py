@@ -23,7 +23,7 @@ route, police and time only the first one and turn the rest into an unexamined t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import pytest
@@ -35,7 +35,6 @@ from tests.support.rawclient import RawClient, parse_response_head
 from tests.support.scripted import (
     Received,
     Reply,
-    ScriptedUpstream,
     header_lines,
     ok,
     response,
@@ -71,21 +70,6 @@ FORWARDING = {
     b"forwarded",
     b"x-real-ip",
 }
-
-
-@pytest.fixture
-async def scripted() -> AsyncIterator[Callable[..., Awaitable[ScriptedUpstream]]]:
-    """``up = await scripted(replies, default=...)``: a started ScriptedUpstream."""
-    made: list[ScriptedUpstream] = []
-
-    async def start(script: Sequence[Reply] = (), **kw: Any) -> ScriptedUpstream:
-        up = ScriptedUpstream(script, **kw)
-        made.append(up)
-        return await up.start()
-
-    yield start
-    for up in made:
-        await up.close()
 
 
 # --------------------------------------------------------------------------- helpers
