@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
+import os
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
@@ -41,6 +43,13 @@ def _response(status: int, body: bytes, content_type: str) -> bytes:
     return head.encode("latin-1") + body
 
 
+def check_listening(server: asyncio.Server) -> None:
+    """Raise OSError(EADDRINUSE) when a socket of ``server`` did not start listening:
+    uvloop closes a socket whose listen() failed and does not raise."""
+    if any(sock.fileno() == -1 for sock in server.sockets):
+        raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+
+
 class AdminServer:
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
@@ -61,6 +70,7 @@ class AdminServer:
         """Accept requests on the address :meth:`bind` took."""
         assert self._server is not None, "bind() first"
         await self._server.start_serving()
+        check_listening(self._server)
 
     def log_listening(self) -> None:
         log.info("admin listening", extra={"fields": {"admin": f"{self.host}:{self.port}"}})

@@ -176,7 +176,10 @@ def _durations(**options: str) -> dict[str, float]:
 @app.command()
 def demo(
     port: Annotated[
-        int, typer.Option(metavar="PORT", help="Port for the proxy on 127.0.0.1.")
+        int,
+        typer.Option(
+            metavar="PORT", min=0, max=65535, help="Port for the proxy on 127.0.0.1 (0: any)."
+        ),
     ] = 8080,
     ping_interval: Annotated[
         str, typer.Option(metavar="DURATION", help="Time between pings, e.g. 5s.")
@@ -196,6 +199,10 @@ def demo(
         code = run_async(run_demo(port, times["ping_interval"], times["pong_wait"]))
     except OSError as e:
         _fail([f"demo: cannot listen on 127.0.0.1:{port}: {e.strerror or e} (try --port)"])
+        return
+    except ConfigError as e:
+        # The proxy's own start-up errors (its port taken, say): one line each, as `run`.
+        _fail([*e.lines[:-1], f"{e.lines[-1]} (try --port)"] if e.lines else ["demo: failed"])
         return
     raise typer.Exit(code)
 

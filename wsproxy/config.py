@@ -308,6 +308,19 @@ def _check_upstream_url(value: str) -> str:
     return value
 
 
+_WILDCARDS = frozenset({"0.0.0.0", "::", "*", ""})
+
+
+def _same_address(a: str, b: str) -> bool:
+    """Whether two ``host:port`` listen addresses would take the same port (port 0 is
+    an ephemeral port each, never the same)."""
+    host_a, port_a = _split_host_port(a)
+    host_b, port_b = _split_host_port(b)
+    if port_a != port_b or port_a == 0:
+        return False
+    return host_a == host_b or host_a in _WILDCARDS or host_b in _WILDCARDS
+
+
 def _lower(v: object) -> object:
     return v.lower() if isinstance(v, str) else v
 
@@ -797,6 +810,10 @@ class Config(BaseModel):
                 errors.append(
                     (("events", "auth"), f"required when a route has mode: events ({where})")
                 )
+        if self.admin.enabled and _same_address(self.listen, self.admin.listen):
+            # Both sockets would bind (SO_REUSEADDR) and uvloop drops the second one's
+            # failed listen() silently: refuse it here, for check and run alike.
+            errors.append((("admin", "listen"), f"same port as listen ({self.listen})"))
         if errors:
             raise _KeyErrors(errors)
         return self

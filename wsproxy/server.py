@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from wsproxy.admin import AdminServer
+from wsproxy.admin import AdminServer, check_listening
 from wsproxy.config import Config, ConfigError, load_config
 from wsproxy.logs import FIELDS, setup_logging
 from wsproxy.metrics import PASSTHROUGH, Metrics, route_label
@@ -283,6 +283,7 @@ class Proxy:
             # listens: listen() is where that conflict shows.
             try:
                 await self._server.start_serving()
+                check_listening(self._server)
             except OSError as exc:
                 raise _cannot_listen("listen", config.listen, exc) from None
             if admin is not None:

@@ -404,5 +404,8 @@ async def test_public_key_algorithm_needs_a_public_key_at_start(
     # A shared secret where RS256 needs a PEM key: refused at start, not a 401 for all.
     monkeypatch.setenv(ENV, SECRET)
     rs["jwt"] = {"secret_env": ENV, "algorithms": ["RS256"]}
-    with pytest.raises(ConfigError, match=r"^events\.auth\.jwt\.secret_env: not a usable key"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^events\.auth\.jwt\.secret_env: \$\w+ is not an RSA public key in PEM usable",
+    ):
         await proxy(events_config(publisher.endpoint, events__auth=rs))

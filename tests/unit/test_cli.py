@@ -187,3 +187,27 @@ def test_run_help_names_what_each_option_takes() -> None:
         ("--log-level", "LEVEL"),
     ]:
         assert f"{option} {takes}" in out, option
+
+
+def test_demo_with_its_port_taken_says_so_in_one_line() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = runner.invoke(app, ["demo", "--port", str(port)])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert (
+        lines[-1]
+        == f"listen: cannot listen on 127.0.0.1:{port}: address already in use (try --port)"
+    )
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_demo_port_out_of_range_is_a_usage_error(port: str) -> None:
+    result = runner.invoke(app, ["demo", "--port", port])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output

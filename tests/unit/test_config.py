@@ -1484,3 +1484,24 @@ def test_default_admin_port_is_clear_of_prometheus_exporters() -> None:
     cfg = parse_config(minimal())
     assert cfg.admin.listen == "127.0.0.1:9081"
     assert not 9090 <= cfg.admin.port <= 9999
+
+
+@pytest.mark.parametrize(
+    ("listen", "admin", "clash"),
+    [
+        ("0.0.0.0:18480", "127.0.0.1:18480", True),  # a wildcard takes the port everywhere
+        ("127.0.0.1:18480", "[::]:18480", True),
+        ("127.0.0.1:18480", "127.0.0.1:18480", True),
+        ("127.0.0.1:18480", "127.0.0.2:18480", False),
+        ("127.0.0.1:0", "127.0.0.1:0", False),  # two ephemeral ports
+        ("0.0.0.0:8080", "127.0.0.1:9081", False),
+    ],
+)
+def test_admin_listen_may_not_take_the_proxy_port(listen: str, admin: str, clash: bool) -> None:
+    data = minimal(listen=listen, admin={"listen": admin})
+    if clash:
+        assert errors_of(data) == [f"admin.listen: same port as listen ({listen})"]
+    else:
+        parse_config(data)
+    # A disabled admin listener takes no port.
+    parse_config(minimal(listen=listen, admin={"listen": admin, "enabled": False}))

@@ -214,9 +214,12 @@ def test_key_must_fit_the_algorithms(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError) as info:
         Authorizer(settings(algorithms=["HS256"]))
     assert info.value.lines == [
-        "events.auth.jwt.secret_env: not a usable key for HS256: The specified key is an "
-        "asymmetric key or x509 certificate and should not be used as an HMAC secret."
+        f"events.auth.jwt.secret_env: ${ENV} is not a shared secret (not a PEM key) usable "
+        "for HS256"
     ]
     monkeypatch.setenv(ENV, SECRET)
-    with pytest.raises(ConfigError, match=r"^events\.auth\.jwt\.secret_env: not a usable key"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^events\.auth\.jwt\.secret_env: \$\w+ is not an EC public key in PEM usable",
+    ):
         Authorizer(settings(algorithms=["ES256"]))

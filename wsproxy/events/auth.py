@@ -161,11 +161,26 @@ def _check_key(settings: EventsAuth, key: str) -> None:
             ) from None
         try:
             algorithm.prepare_key(key)
-        except (jwt.PyJWTError, ValueError, TypeError) as exc:
-            # PyJWT's messages describe the key's kind, never its bytes.
+        except (jwt.PyJWTError, ValueError, TypeError):
+            # PyJWT's own messages vary between versions and can embed object reprs:
+            # say what the algorithm needs instead.
+            source = f"'{cfg.secret_file}'" if cfg.secret_file is not None else f"${cfg.secret_env}"
             raise ConfigError(
-                [f"events.auth.jwt.{where}: not a usable key for {name}: {exc}"]
+                [
+                    f"events.auth.jwt.{where}: {source} is not {_KEY_KINDS.get(name[:2], 'a key')}"
+                    f" usable for {name}"
+                ]
             ) from None
+
+
+#: What each algorithm family verifies with.
+_KEY_KINDS = {
+    "HS": "a shared secret (not a PEM key)",
+    "RS": "an RSA public key in PEM",
+    "PS": "an RSA public key in PEM",
+    "ES": "an EC public key in PEM",
+    "Ed": "an Ed25519 or Ed448 public key in PEM",
+}
 
 
 class Authorizer:
