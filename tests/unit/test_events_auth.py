@@ -223,3 +223,19 @@ def test_key_must_fit_the_algorithms(monkeypatch: pytest.MonkeyPatch) -> None:
         match=r"^events\.auth\.jwt\.secret_env: \$\w+ is not an EC public key in PEM usable",
     ):
         Authorizer(settings(algorithms=["ES256"]))
+
+
+@pytest.mark.parametrize(("name", "need"), [("HS256", 32), ("HS384", 48), ("HS512", 64)])
+def test_hmac_secret_shorter_than_the_hash_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, name: str, need: int
+) -> None:
+    # RFC 7518 §3.2; PyJWT would only print an InsecureKeyLengthWarning at the first token.
+    monkeypatch.setenv(ENV, "k" * (need - 1))
+    with pytest.raises(ConfigError) as info:
+        Authorizer(settings(algorithms=[name]))
+    assert info.value.lines == [
+        f"events.auth.jwt.secret_env: ${ENV} is shorter than {need} bytes, the minimum for "
+        f"{name} (RFC 7518 §3.2)"
+    ]
+    monkeypatch.setenv(ENV, "k" * need)
+    assert Authorizer(settings(algorithms=[name])).key == "k" * need

@@ -159,6 +159,17 @@ def _check_key(settings: EventsAuth, key: str) -> None:
                     "(install the cryptography package: pip install 'PyJWT[crypto]')"
                 ]
             ) from None
+        source = f"'{cfg.secret_file}'" if cfg.secret_file is not None else f"${cfg.secret_env}"
+        need = _HMAC_MIN_BYTES.get(name)
+        if need is not None and len(key.encode("utf-8")) < need:
+            # RFC 7518 §3.2: an HMAC key MUST be at least the hash's size; PyJWT only
+            # warns, on stderr, at the first token.
+            raise ConfigError(
+                [
+                    f"events.auth.jwt.{where}: {source} is shorter than {need} bytes, the "
+                    f"minimum for {name} (RFC 7518 §3.2)"
+                ]
+            )
         try:
             algorithm.prepare_key(key)
         except (jwt.PyJWTError, ValueError, TypeError):
@@ -172,6 +183,9 @@ def _check_key(settings: EventsAuth, key: str) -> None:
                 ]
             ) from None
 
+
+#: The shortest HMAC key each algorithm may use: its hash's size (RFC 7518 §3.2).
+_HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 
 #: What each algorithm family verifies with.
 _KEY_KINDS = {
