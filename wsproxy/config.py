@@ -928,7 +928,14 @@ def _unknown_key(root: type[BaseModel] | None, loc: tuple[str | int, ...]) -> st
     """``unknown key``, plus the closest key allowed at that level when one is close."""
     model = _model_at(root, loc[:-1]) if root is not None else None
     if model is not None:
-        close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+        typed = str(loc[-1])
+        keys = list(model.model_fields)
+        close = difflib.get_close_matches(typed, keys, n=1)
+        if not close:
+            # An abbreviation (`grace` for `grace_period`) is too short for difflib's
+            # ratio; one key that starts with it is as good a guess.
+            starting = [k for k in keys if k.startswith(typed)]
+            close = starting if len(starting) == 1 else []
         if close:
             return f"unknown key (did you mean {_show(close[0])}?)"
     return "unknown key"

@@ -1505,3 +1505,22 @@ def test_admin_listen_may_not_take_the_proxy_port(listen: str, admin: str, clash
         parse_config(data)
     # A disabled admin listener takes no port.
     parse_config(minimal(listen=listen, admin={"listen": admin, "enabled": False}))
+
+
+@pytest.mark.parametrize(
+    ("data", "line"),
+    [
+        (
+            minimal(shutdown={"grace": "5s"}),
+            "shutdown.grace: unknown key (did you mean 'grace_period'?)",
+        ),
+        (
+            minimal(keepalive={"ping": "5s"}),
+            "keepalive.ping: unknown key (did you mean 'ping_interval'?)",
+        ),
+        # Two keys start with "max_": no guess.
+        (minimal(limits={"max_": 1}), "limits.max_: unknown key"),
+    ],
+)
+def test_unknown_abbreviation_suggests_the_one_key_it_starts(data: Any, line: str) -> None:
+    assert errors_of(data) == [line]
