@@ -158,19 +158,19 @@ class Relay(asyncio.Protocol):
         "_client_wdl",
         "_close_timer",
         "_connect_task",
+        "_deadline",
         "_deadline_kind",
         "_events_request",
         "_finished",
         "_forwarding",
-        "_handshake_timer",
         "_held",
         "_ka_config",
         "_keep",
         "_life_timer",
+        "_mark",
         "_pending_ping",
         "_pending_uping",
         "_req_done",
-        "_resp_done",
         "_resp_started",
         "_server_name",
         "_timer",
@@ -238,13 +238,13 @@ class Relay(asyncio.Protocol):
         self.resps = ResponseStream(limit)
         self._held = bytearray()  # request bytes waiting for the upstream connection
         self._connect_task: asyncio.Task[None] | None = None
-        self._handshake_timer: asyncio.TimerHandle | None = None  # the HTTP deadline
+        self._deadline: asyncio.TimerHandle | None = None  # the HTTP deadline
         self._deadline_kind = "head"
         self._req_done = False  # the current request has been read in full
-        self._resp_done = False  # ... and its response forwarded in full
         self._resp_started = False  # its final response head went to the client
         self._keep = True  # both messages of this exchange allow another one
         self._forwarding = False  # the current request's head went (or waits) upstream
+        self._mark = (0, 0)  # bytes_in, bytes_out when the current request began
         self._client_eof = False
         self._up_paused = False  # the upstream's write buffer is full
         self._events_request: RequestHead | None = None  # an upgrade on an events route
@@ -303,7 +303,7 @@ class Relay(asyncio.Protocol):
             self.bytes_in += len(data)
             if self.upstream is not None:
                 self.upstream.write(data)
-        elif state is State.HEAD or state is State.EXCHANGE or state is State.CONNECTING:
+        elif state in _HTTP_STATES:
             self._client_http(data)
         elif state is State.REFUSING:
             self._refusing_data(data)
@@ -329,8 +329,8 @@ class Relay(asyncio.Protocol):
         self._client_lost = True
         self._cancel(self._client_wdl)
         if self.state is State.REFUSING:
-            self._cancel(self._handshake_timer)
-            self._handshake_timer = None
+            self._cancel(self._deadline)
+            self._deadline = None
             self._finished = True
             self.state = State.CLOSED
             self.proxy.refusal_ended(self)
@@ -401,7 +401,7 @@ class Relay(asyncio.Protocol):
         self.proxy.refusing.add(self)
         self._held = bytearray(message.encode())
         wait = min(REFUSE_READ, self.config.limits.handshake_timeout)
-        self._handshake_timer = self.loop.call_later(wait, self._refuse_now)
+        self._deadline = self.loop.call_later(wait, self._refuse_now)
 
     def _refusing_data(self, data: bytes) -> None:
         # Only the end of the head matters; the bytes themselves are dropped.
@@ -409,8 +409,8 @@ class Relay(asyncio.Protocol):
             self._refuse_now()
 
     def _refuse_now(self) -> None:
-        self._cancel(self._handshake_timer)
-        self._handshake_timer = None
+        self._cancel(self._deadline)
+        self._deadline = None
         cl = self.client
         if self.state is not State.REFUSING or cl is None or cl.is_closing():
             return
@@ -423,16 +423,16 @@ class Relay(asyncio.Protocol):
     # ------------------------------------------------------------------ HTTP exchanges
 
     def _arm_deadline(self, kind: str, delay: float) -> None:
-        self._cancel(self._handshake_timer)
+        self._cancel(self._deadline)
         self._deadline_kind = kind
-        self._handshake_timer = self.loop.call_later(delay, self._deadline_passed)
+        self._deadline = self.loop.call_later(delay, self._deadline_passed)
 
-    def _stop_handshake_timer(self) -> None:
-        self._cancel(self._handshake_timer)
-        self._handshake_timer = None
+    def _stop_deadline(self) -> None:
+        self._cancel(self._deadline)
+        self._deadline = None
 
     def _deadline_passed(self) -> None:
-        self._handshake_timer = None
+        self._deadline = None
         kind = self._deadline_kind
         state = self.state
         if state is State.HEAD:
@@ -491,9 +491,10 @@ class Relay(asyncio.Protocol):
         self.method = req.method
         self.status = None
         self.route = None
-        self._req_done = self._resp_done = self._resp_started = False
+        self._req_done = self._resp_started = False
         self._keep = True
         self._forwarding = False
+        self._mark = (self.bytes_in, self.bytes_out)
         config = self.config
         if self.trusted_peer():
             ip = http.client_address(req, self.peer_ip, config.forwarded.networks())
@@ -527,8 +528,7 @@ class Relay(asyncio.Protocol):
                 self._reject(400, "a WebSocket upgrade has no body")
                 return
             # No earlier upstream connection may see anything of this request.
-            self._abort_upstream()
-            self._forget_upstream()
+            self._drop_upstream()
             self.route = route
             self._events_request = req
             return
@@ -551,8 +551,7 @@ class Relay(asyncio.Protocol):
         up = self.upstream
         reuse = up is not None and not self._upstream_lost and not self._upstream_eof
         if not reuse:
-            self._abort_upstream()
-            self._forget_upstream()
+            self._drop_upstream()
         self.resps.expect(req.method, upgrade=upgrade)
         proto = "https" if self._client_tls() else "http"
         head = http.forwarded_head(
@@ -602,19 +601,16 @@ class Relay(asyncio.Protocol):
             # Sent in full: from here the upstream's silence is what is bounded.
             self._arm_deadline("response", self.config.upstream.response_timeout)
         self._client_reading()
-        if self._resp_done:
+        if self.resps.idle:  # the response came first (an early 401, say) and is complete
             self._exchange_done()
 
     def _hand_to_events(self, req: RequestHead) -> None:
-        self._stop_handshake_timer()
-        self._abort_upstream()
-        self._forget_upstream()
+        # The upstream connection was dropped when this request's head arrived.
+        self._stop_deadline()
         self.state = State.EVENTS
         hub = self.proxy.events
         assert hub is not None  # created at start when a route has mode: events
-        held = self.reqs.take_pending()
-        self.reqs, self.resps = _SPENT_REQUESTS, _SPENT_RESPONSES
-        hub.accept(self, req, held)
+        hub.accept(self, req, self._leave_http())
 
     def _client_tls(self) -> bool:
         cl = self.client
@@ -721,6 +717,19 @@ class Relay(asyncio.Protocol):
         self._upstream_wdl = None
         self.resps = ResponseStream(self.config.limits.max_header_bytes)
 
+    def _drop_upstream(self) -> None:
+        """Abort the upstream connection, if any, and forget it."""
+        self._abort_upstream()
+        self._forget_upstream()
+
+    def _leave_http(self) -> bytes:
+        """The connection is HTTP no more (a 101, an events session): the client bytes
+        that followed the last request, and its message streams swapped for the shared
+        spent ones."""
+        held = self.reqs.take_pending()
+        self.reqs, self.resps = _SPENT_REQUESTS, _SPENT_RESPONSES
+        return held
+
     def _abort_upstream(self) -> None:
         """Abort the upstream connection and count it as gone now: some transports
         (uvloop's, closed during their connect) never report connection_lost."""
@@ -773,7 +782,6 @@ class Relay(asyncio.Protocol):
                 # else: the client's body deadline stays armed until its request ends.
                 self.proxy.connection_accepted(self, tunnel=True)
             elif t is MessageEnd:
-                self._resp_done = True
                 self._keep = self._keep and cast(MessageEnd, ev).keep_alive
                 if self._req_done:
                     self._exchange_done()
@@ -796,7 +804,7 @@ class Relay(asyncio.Protocol):
 
     def _exchange_done(self) -> None:
         """A request and its response are complete: close, or read the next request."""
-        self.proxy.request_done(self)
+        self.proxy.request_done(self, self.bytes_in - self._mark[0], self.bytes_out - self._mark[1])
         if self.resps.unsolicited:
             # Bytes that answer nothing: the upstream cannot be trusted to frame another
             # response on this connection.
@@ -806,10 +814,9 @@ class Relay(asyncio.Protocol):
             return
         self.state = State.HEAD
         self.route = None
-        self._req_done = self._resp_done = self._resp_started = False
+        self._req_done = self._resp_started = False
         if self._upstream_lost or self._upstream_eof:
-            self._abort_upstream()
-            self._forget_upstream()
+            self._drop_upstream()
         self._arm_deadline("idle", self.config.limits.idle_timeout)
         try:
             events = self.reqs.next_message()
@@ -824,7 +831,7 @@ class Relay(asyncio.Protocol):
     def _start_tunnel(self, rest: bytes) -> None:
         # An upgrade that the upstream accepted on a path that is not a relay route:
         # from its 101 on the connection is no longer HTTP, so bytes go both ways.
-        self._stop_handshake_timer()
+        self._stop_deadline()
         self.state = State.TUNNEL
         self.proxy.connection_accepted(self, tunnel=True)
         cl, up = self.client, self.upstream
@@ -832,15 +839,14 @@ class Relay(asyncio.Protocol):
         if rest:
             self.bytes_out += len(rest)
             cl.write(rest)
-        pending = self.reqs.take_pending()
-        self.reqs, self.resps = _SPENT_REQUESTS, _SPENT_RESPONSES
+        pending = self._leave_http()
         if pending:
             self.bytes_in += len(pending)
             up.write(pending)
         self._client_reading()
 
     def _start_relay(self, rest: bytes) -> None:
-        self._stop_handshake_timer()
+        self._stop_deadline()
         assert self.route is not None and self.client is not None
         self.state = State.RELAY
         # Keep-alive settings and frame limits are live (SIGHUP reaches open relays
@@ -884,8 +890,7 @@ class Relay(asyncio.Protocol):
         self.proxy.connection_accepted(self, tunnel=False)
         if rest:
             self._upstream_frames(rest)
-        held = self.reqs.take_pending()
-        self.reqs, self.resps = _SPENT_REQUESTS, _SPENT_RESPONSES
+        held = self._leave_http()
         if held and self.state is State.RELAY:
             self._client_frames(held)
         self._client_reading()
@@ -961,8 +966,7 @@ class Relay(asyncio.Protocol):
         elif state is State.HEAD:
             # Between requests nothing is owed: bytes now answer no request, so this
             # upstream connection cannot frame the next response.
-            self._abort_upstream()
-            self._forget_upstream()
+            self._drop_upstream()
         # CONNECTING (nothing sent yet) or CLOSED: nothing to do with the bytes.
 
     def _upstream_frames(self, data: bytes) -> None:
@@ -1302,14 +1306,14 @@ class Relay(asyncio.Protocol):
             self._client_wdl,
             self._upstream_wdl,
             self._close_timer,
-            self._handshake_timer,
+            self._deadline,
             self._life_timer,
             self._utimer,
         ):
             self._cancel(h)
         self._timer = self._client_wdl = self._upstream_wdl = self._close_timer = None
         self._life_timer = self._utimer = None
-        self._handshake_timer = None
+        self._deadline = None
         self._held.clear()
         if self.cscan is None:
             # Never a relay (its last request may have been a refused upgrade on a

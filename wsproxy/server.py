@@ -508,10 +508,10 @@ class Proxy:
     def refusal_ended(self, conn: Relay) -> None:
         self.refusing.discard(conn)
 
-    def request_done(self, conn: Relay) -> None:
-        """A passthrough request and its response are complete (one access-log line)."""
+    def request_done(self, conn: Relay, b_in: int, b_out: int) -> None:
+        """A passthrough request and its response are complete: one access-log line,
+        with the bytes of this exchange (``b_in`` from the client, ``b_out`` to it)."""
         if log.isEnabledFor(logging.INFO):
-            b_in, b_out, _, _ = conn.traffic()
             log.info(
                 "request",
                 extra={

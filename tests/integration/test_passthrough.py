@@ -23,6 +23,7 @@ route, police and time only the first one and turn the rest into an unexamined t
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
@@ -42,6 +43,7 @@ from tests.support.scripted import (
     switching_protocols,
 )
 from tests.support.wire import OP_BINARY, OP_CLOSE, OP_TEXT, accept_key, build_frame, new_key
+from wsproxy.logs import FIELDS
 
 # Production runs on uvloop, whose transports and timers differ from asyncio's.
 BOTH_LOOPS = True
@@ -777,3 +779,29 @@ async def test_fresh_silent_connection_still_gets_408_after_handshake_timeout(
     assert loop.time() - t0 >= handshake_timeout - EARLY
     await wait_released(p)
     assert up.conns == []
+
+
+async def test_access_log_line_counts_the_bytes_of_its_own_exchange(
+    make_config, proxy, scripted, client, caplog
+):
+    """One ``request`` line per exchange, with that exchange's bytes, not the
+    connection's running total."""
+    caplog.set_level(logging.INFO, logger="wsproxy")
+    first, second = response(200, b"a" * 100), response(404, b"b" * 7)
+    up = await scripted([Reply([first]), Reply([second])])
+    p = await proxy(make_config(up.url))
+    c = await client(p)
+    for target, answer in (("/one", first), ("/two", second)):
+        c.send_raw(request("POST", target, body=b"x" * 5))
+        assert await read_exact(c, len(answer)) == answer
+
+    def lines() -> list[dict[str, Any]]:
+        recs = [getattr(r, FIELDS, None) or {} for r in caplog.records]
+        return [f for f in recs if f.get("event") == "request"]
+
+    await wait_until(lambda: len(lines()) == 2, message="two request lines")
+    one, two = lines()
+    assert (one["path"], one["status"], one["bytes_out"]) == ("/one", 200, len(first))
+    assert (two["path"], two["status"], two["bytes_out"]) == ("/two", 404, len(second))
+    # The forwarded head (with X-Forwarded-*) plus the 5-byte body, each time alike.
+    assert one["bytes_in"] == two["bytes_in"] > 5
