@@ -34,6 +34,7 @@ from tests.support.admin import sample, scrape
 from tests.support.helpers import wait_until
 from tests.support.rawclient import RawClient, parse_response_head
 from tests.support.scripted import (
+    FORWARDING,
     Received,
     Reply,
     header_lines,
@@ -64,14 +65,6 @@ EARLY = 5 * MS
 REFUSED_401 = response(
     401, b'{"e":"auth"}', [("Content-Type", "application/json")], reason="Unauthorized"
 )
-#: Forwarding fields the proxy may add, drop or rewrite; every other byte must pass.
-FORWARDING = {
-    b"x-forwarded-for",
-    b"x-forwarded-proto",
-    b"x-forwarded-host",
-    b"forwarded",
-    b"x-real-ip",
-}
 
 
 # --------------------------------------------------------------------------- helpers

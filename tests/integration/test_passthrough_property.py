@@ -38,6 +38,7 @@ from tests.support import MS
 from tests.support.helpers import wait_until
 from tests.support.rawclient import RawClient, parse_response_head
 from tests.support.scripted import (
+    FORWARDING,
     Received,
     Reply,
     ScriptedUpstream,
@@ -58,14 +59,6 @@ PROPS = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-#: Forwarding fields the proxy may add, drop or rewrite; every other byte must pass.
-FORWARDING = {
-    b"x-forwarded-for",
-    b"x-forwarded-proto",
-    b"x-forwarded-host",
-    b"forwarded",
-    b"x-real-ip",
-}
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 _markers = itertools.count(1)
 

@@ -146,6 +146,18 @@ def response(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
+#: Forwarding fields the proxy may add, drop or rewrite; every other byte must pass.
+FORWARDING = frozenset(
+    {
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"forwarded",
+        b"x-real-ip",
+    }
+)
+
+
 @dataclass
 class Reply:
     """The answer to one request: ``delay`` seconds after it was read, ``parts``
