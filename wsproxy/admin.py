@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from wsproxy import http
 
 if TYPE_CHECKING:
-    from wsproxy.server import Proxy
+    from wsproxy.host import AdminSource
 
 log = logging.getLogger("wsproxy.admin")
 
@@ -51,7 +51,7 @@ def check_listening(server: asyncio.Server) -> None:
 
 
 class AdminServer:
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: AdminSource) -> None:
         self.proxy = proxy
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()

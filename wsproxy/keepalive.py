@@ -1,18 +1,33 @@
-"""Keep-alive policy for one client connection: when to ping, when to give up.
+"""Keep-alive policy for one peer of a connection: when to ping, when to give up.
 
-Pure and clock-injected: every method takes ``now`` (the event loop's monotonic time)
-and the caller owns the timers. The relay asks :meth:`KeepAlive.next_wakeup` when to
-call :meth:`KeepAlive.poll` again, so an idle connection costs one timer handle.
+Pure and clock-injected: every method takes ``now`` (the event loop's monotonic time,
+which schedules) and, where a round-trip time is measured, ``fine`` (a sub-millisecond
+monotonic clock such as :func:`time.perf_counter`: uvloop's loop clock moves in
+millisecond steps). The caller owns the timers: it asks :meth:`KeepAlive.next_wakeup`
+when to call :meth:`KeepAlive.poll` again, so an idle connection costs one timer handle.
+
+A Ping that falls due is *waiting* until the caller reports it written
+(:meth:`KeepAlive.written`): a relay may only inject it at a frame boundary. At most
+one Ping waits; it is counted, and its Pong deadline starts, when it is written; while
+it waits, the peer is judged by write progress (:meth:`KeepAlive.progress`).
+
+Ping payloads are ``b"wsproxy:"``, an 8-byte per-process random nonce and an 8-byte
+sequence number: a Pong is ours only if it carries this process's nonce and the
+sequence number of a Ping still outstanding on this connection (RFC 6455 §5.5.3 lets
+a Pong answer only the most recent Ping; we accept any of the last few). Chained
+proxies therefore never take each other's Pongs.
 """
 
 from __future__ import annotations
 
 import enum
 import math
+import os
 import random
 from typing import Final
 
 __all__ = [
+    "NONCE",
     "PING_PREFIX",
     "TIMEOUT",
     "KeepAlive",
@@ -21,11 +36,15 @@ __all__ = [
     "is_own_pong",
 ]
 
-#: Marks a Ping payload as wsproxy's own, so that the answering Pong can be recognised.
+#: Starts every Ping payload of wsproxy's (readable in a packet capture).
 PING_PREFIX: Final = b"wsproxy:"
 
-# Prefix plus an 8-byte big-endian sequence number.
-_PING_SIZE: Final = len(PING_PREFIX) + 8
+#: This process's nonce: part of every Ping payload, so that another wsproxy on the
+#: same path (a chain of proxies) never mistakes our Pongs for its own.
+NONCE: Final = os.urandom(8)
+
+# Prefix, nonce and an 8-byte big-endian sequence number.
+_PING_SIZE: Final = len(PING_PREFIX) + 16
 
 # How many unanswered pings are remembered for RTT measurement. A client answers
 # within pong_wait or is cut, so only the last few can still be answered.
@@ -45,9 +64,11 @@ class Timeout(enum.Enum):
 TIMEOUT: Final = Timeout.TIMEOUT
 
 
-def is_own_pong(payload: bytes) -> bool:
-    """Whether ``payload`` looks like the answer to one of wsproxy's pings."""
-    return len(payload) == _PING_SIZE and payload.startswith(PING_PREFIX)
+def is_own_pong(payload: bytes, nonce: bytes = NONCE) -> bool:
+    """Whether ``payload`` has the shape of a Pong to a Ping of this process (prefix
+    and ``nonce``); whether it answers an outstanding Ping is for
+    :meth:`KeepAlive.on_pong` to say."""
+    return len(payload) == _PING_SIZE and payload[:16] == PING_PREFIX + nonce
 
 
 def first_ping_delay(interval: float, rng: random.Random | None = None) -> float:
@@ -63,11 +84,16 @@ def first_ping_delay(interval: float, rng: random.Random | None = None) -> float
 
 
 class KeepAlive:
-    """Ping schedule and liveness deadline of one connection.
+    """Ping schedule and liveness deadline of one peer.
 
     Pings are due every ``ping_interval``, the first one ``first_ping_delay`` after
-    ``now``. The client is declared dead when nothing keeps it alive (a Pong, or with
-    ``liveness: any_frame`` any inbound frame) for ``pong_wait``.
+    ``now``. The peer is declared dead when nothing keeps it alive for ``pong_wait``:
+    any Pong (ours or not: an unsolicited Pong, or one answering somebody else's Ping,
+    is a sign of life all the same) and, with ``liveness: any_frame``, any inbound
+    frame. A Ping's time to be answered counts from when it is written: one that had
+    to wait for a frame boundary moves the deadline by as long as it waited, and while
+    it waits the deadline is at least ``pong_wait`` after the last write progress
+    toward the peer.
     """
 
     def __init__(
@@ -78,10 +104,13 @@ class KeepAlive:
         now: float,
         first_ping_delay: float,
         slack: float = 0.0,
+        nonce: bytes = NONCE,
     ) -> None:
         _check(ping_interval, pong_wait)
         if slack < 0:
             raise ValueError("slack must not be negative")
+        if len(nonce) != 8:
+            raise ValueError("nonce must be 8 bytes")
         #: A deadline this close to ``now`` counts as reached. Event loops fire timers
         #: early by up to their clock's resolution (uvloop rounds to whole
         #: milliseconds); without slack an early wake-up finds nothing due, re-arms a
@@ -91,31 +120,48 @@ class KeepAlive:
         self.pong_wait = pong_wait
         #: When the next ping is due.
         self.next_ping_at = now + first_ping_delay
-        #: When the client is declared dead unless something keeps it alive first.
+        #: When the peer is declared dead unless something keeps it alive first (while
+        #: a Ping waits, write progress can move it later: see :meth:`next_wakeup`).
         self.deadline = now + pong_wait
+        #: Pings written (a Ping that fell due but never went out is not counted).
         self.pings_sent = 0
+        #: Pongs answering one of our pings (the peer's other Pongs are not counted).
         self.pongs_received = 0
-        #: Round-trip time measured by the last Pong answering one of our pings.
+        #: Round-trip time (seconds, on the ``fine`` clock) of the last Pong answering
+        #: one of our pings.
         self.last_rtt: float | None = None
+        #: When the last Pong of any kind arrived (``now`` clock).
         self.last_pong_at: float | None = None
-        # Last sign of life (start, Pong, or data with any_frame): the deadline is
-        # pong_wait after it.
+        #: The payload of a Ping that is due but not yet written, if any.
+        self.waiting: bytes | None = None
+        self._prefix = PING_PREFIX + nonce
+        self._seq = 0
+        # Last write progress while a Ping waits (when it fell due, at first).
+        self._progress_at = now
+        # Time the peer had left to answer when the waiting Ping fell due.
+        self._left_at_due = 0.0
+        # Last sign of life (start, Pong, our Ping written, or data with any_frame).
         self._alive_at = now
-        # Sequence number -> send time of recent pings, oldest first.
+        # Sequence number -> ``fine`` time at which that Ping was written, oldest first.
         self._sent: dict[int, float] = {}
 
     def next_wakeup(self) -> float:
         """Return when :meth:`poll` next has something to do."""
+        if self.waiting is not None:
+            return max(self.deadline, self._progress_at + self.pong_wait)
         return min(self.next_ping_at, self.deadline)
 
     def poll(self, now: float) -> bytes | Timeout | None:
-        """Return :data:`TIMEOUT`, the payload of a Ping to send now, or None.
+        """Return :data:`TIMEOUT`, the payload of a Ping now due, or None.
 
-        After a ping the next one is due one interval later, on the same cadence.
-        Intervals missed entirely (a stalled loop, a suspended host) are skipped: at
-        most one ping is returned per call, and the next is never due already.
+        A returned payload is :attr:`waiting` until :meth:`written`; no other Ping is
+        returned meanwhile. After a ping the next one is due one interval later, on
+        the same cadence. Intervals missed entirely (a stalled loop, a suspended host,
+        a Ping that waited) are skipped: the next is never due already.
         """
         due = now + self.slack
+        if self.waiting is not None:
+            return TIMEOUT if due >= self.next_wakeup() else None
         if due >= self.deadline:
             return TIMEOUT
         if due < self.next_ping_at:
@@ -125,29 +171,47 @@ class KeepAlive:
         if nxt <= now:
             nxt += (math.floor((now - nxt) / interval) + 1) * interval
         self.next_ping_at = nxt
+        self._seq += 1
+        self._progress_at = now
+        self._left_at_due = self.deadline - now
+        payload = self.waiting = self._prefix + self._seq.to_bytes(8, "big")
+        return payload
+
+    def progress(self, now: float) -> None:
+        """Record write progress toward the peer (bytes its socket accepted) while a
+        Ping waits: the peer is reading, so it is not declared dead meanwhile."""
+        self._progress_at = now
+
+    def written(self, now: float, fine: float) -> None:
+        """The waiting Ping was written at ``now`` (``fine`` on the RTT clock): it is
+        counted, and the peer has as long to answer it as it had when it fell due."""
+        payload = self.waiting
+        if payload is None:
+            return
+        self.waiting = None
         self.pings_sent += 1
-        seq = self.pings_sent
         sent = self._sent
-        sent[seq] = now
+        sent[int.from_bytes(payload[16:], "big")] = fine
         if len(sent) > _RECENT_PINGS:
             del sent[next(iter(sent))]
-        return PING_PREFIX + seq.to_bytes(8, "big")
+        self.deadline = max(self.deadline, now + self._left_at_due)
 
-    def on_pong(self, payload: bytes, now: float) -> float | None:
-        """Record a Pong from the client; return the RTT if it answers a recent ping.
+    def on_pong(self, payload: bytes, now: float, fine: float) -> float | None:
+        """Record a Pong from the peer; return its RTT (seconds, ``fine`` clock) if it
+        answers one of our outstanding pings, else None (the Pong is not ours and
+        belongs to whoever is on the other side).
 
-        Any Pong extends the deadline, ours or not: an unsolicited Pong (a heartbeat,
-        or the answer to the upstream's own Ping) is a sign of life all the same.
+        Any Pong extends the deadline, ours or not.
         """
-        self.pongs_received += 1
         self.last_pong_at = now
         self._alive(now)
-        if not is_own_pong(payload):
+        if len(payload) != _PING_SIZE or payload[:16] != self._prefix:
             return None
-        sent_at = self._sent.pop(int.from_bytes(payload[len(PING_PREFIX) :], "big"), None)
+        sent_at = self._sent.pop(int.from_bytes(payload[16:], "big"), None)
         if sent_at is None:
             return None
-        rtt = now - sent_at
+        self.pongs_received += 1
+        rtt = max(0.0, fine - sent_at)
         self.last_rtt = rtt
         return rtt
 
@@ -161,7 +225,7 @@ class KeepAlive:
         The time left until the next ping is scaled by the ratio of the intervals, so
         that connections whose phases were spread stay spread after a mass reload.
         A longer ``pong_wait`` applies to the current window at once. A shorter one
-        never moves the deadline before ``now + pong_wait``: a healthy client that has
+        never moves the deadline before ``now + pong_wait``: a healthy peer that has
         not yet been pinged on the new schedule must not be cut by the reload itself.
         """
         _check(ping_interval, pong_wait)

@@ -1,4 +1,4 @@
-"""Prometheus metrics, one registry per :class:`~wsproxy.server.Proxy`.
+"""Prometheus metrics, one registry per proxy (:class:`~wsproxy.host.MetricsSource`).
 
 Event metrics (handshakes, pings, pongs, timeouts, closes) are incremented by the
 proxy's hooks: a few per connection lifetime, or one per ping interval. Bytes and
@@ -38,17 +38,14 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import Generic
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from wsproxy import __version__
-
-if TYPE_CHECKING:
-    from wsproxy.relay import Relay
-    from wsproxy.server import Proxy
+from wsproxy.host import MeteredConnection, MeteredT, MetricsSource
 
 PASSTHROUGH = "passthrough"
 
@@ -74,7 +71,7 @@ _DURATION_BUCKETS = (
 )
 
 
-def route_label(conn: Relay) -> str:
+def route_label(conn: MeteredConnection) -> str:
     return conn.route.path if conn.route is not None else PASSTHROUGH
 
 
@@ -154,10 +151,10 @@ class _OutcomeCounter:
         return self.counter.labels(route, outcome_label(outcome))
 
 
-class _LiveCollector(Collector):
+class _LiveCollector(Collector, Generic[MeteredT]):
     """Gauges and byte/frame counters computed at scrape time."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics[MeteredT]) -> None:
         self.metrics = metrics
 
     def describe(self) -> Iterable[Metric]:
@@ -260,8 +257,10 @@ class _Registry(CollectorRegistry):
         yield from super().collect()
 
 
-class Metrics:
-    def __init__(self, proxy: Proxy) -> None:
+class Metrics(Generic[MeteredT]):
+    """Every metric of one proxy; ``MeteredT`` is the proxy's connection class."""
+
+    def __init__(self, proxy: MetricsSource[MeteredT]) -> None:
         self.proxy = proxy
         self.registry = r = _Registry(self.sync_routes)
         self.closed_bytes: dict[tuple[str, str], int] = defaultdict(int)
@@ -311,8 +310,10 @@ class Metrics:
         )
         self.close_codes = Counter(
             "wsproxy_close_codes",
-            "Close codes sent by each side (none: TCP gone, no Close; other: an "
-            "application code past the per-route cap; invalid: a code that must not be sent).",
+            "Close codes by side: client and upstream, the code each peer sent (none: TCP "
+            "gone, no Close); proxy_to_client and proxy_to_upstream, a Close wsproxy itself "
+            "sent (other: an application code past the per-route cap; invalid: a code that "
+            "must not be sent).",
             ["route", "side", "code"],
             registry=r,
         )
@@ -384,7 +385,7 @@ class Metrics:
         pair[0].inc()
         pair[1].observe(rtt)
 
-    def closed(self, conn: Relay, duration: float) -> None:
+    def closed(self, conn: MeteredT, duration: float) -> None:
         label = route_label(conn)
         b_in, b_out, f_in, f_out = conn.traffic()
         self.closed_bytes[(label, "in")] += b_in
@@ -395,12 +396,16 @@ class Metrics:
             return
         self.duration.labels(label).observe(duration)
         codes = self.close_code_labels
-        self.close_codes.labels(label, "client", codes.label(label, conn.client_code)).inc()
-        if conn.route.mode == "events":
-            # No upstream: the other Close is the one wsproxy sent as the endpoint.
-            hub = self.proxy.events
-            session = hub.session_of(conn) if hub is not None else None
-            sent = session.sent_code if session is not None else None
-            self.close_codes.labels(label, "proxy", codes.label(label, sent)).inc()
-            return
-        self.close_codes.labels(label, "upstream", codes.label(label, conn.upstream_code)).inc()
+        counter = self.close_codes
+        # What each peer sent (none: it sent no Close), then what wsproxy itself sent
+        # to each side (counted only when it sent one). An events route has no
+        # upstream: wsproxy is the endpoint, and its Close goes to proxy_to_client.
+        counter.labels(label, "client", codes.label(label, conn.client_code)).inc()
+        if conn.route.mode != "events":
+            counter.labels(label, "upstream", codes.label(label, conn.upstream_code)).inc()
+        for side, sent in (
+            ("proxy_to_client", conn.proxy_to_client),
+            ("proxy_to_upstream", conn.proxy_to_upstream),
+        ):
+            if sent is not None:
+                counter.labels(label, side, codes.label(label, sent)).inc()

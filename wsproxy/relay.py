@@ -29,14 +29,24 @@ import asyncio
 import enum
 import itertools
 import logging
-import math
 import os
 import random
 import ssl
 import time
 from typing import TYPE_CHECKING, Any, cast
 
-from wsproxy import frames, http
+from wsproxy import http
+from wsproxy.connection import (
+    ABORT,
+    CLOSE,
+    COUNT,
+    PAUSE,
+    RESUME,
+    TIMER,
+    TIMER_SLACK,
+    Action,
+    Connection,
+)
 from wsproxy.exchange import (
     MessageEnd,
     RequestEvent,
@@ -44,37 +54,19 @@ from wsproxy.exchange import (
     ResponseEvent,
     ResponseStream,
 )
-from wsproxy.frames import ControlFrame, FrameScanner
 from wsproxy.http import HEAD_END, RequestHead, ResponseHead
-from wsproxy.keepalive import TIMEOUT, KeepAlive, first_ping_delay, is_own_pong
+from wsproxy.keepalive import KeepAlive, first_ping_delay
 from wsproxy.logs import FIELDS
 
 if TYPE_CHECKING:
     from wsproxy.config import KeepaliveSettings, Route
-    from wsproxy.server import Proxy
+    from wsproxy.host import EventsSession, Host
 
 log = logging.getLogger("wsproxy")
 ka_log = logging.getLogger("wsproxy.keepalive")
 
 _ids = itertools.count(1)
-# Timers may fire this much early (uvloop rounds delays to whole milliseconds and its
-# clock advances in millisecond steps): a deadline within it counts as due.
-TIMER_SLACK = 0.002
-# Keep-alive wake-ups are rounded up to a grid, so that the timers of thousands of
-# connections that fall due close together fire in one loop iteration (one epoll
-# wake-up, and their Pongs come back together) instead of one each: this halved the
-# proxy CPU per ping in bench/. A ping goes out at most one step late, never early,
-# and the cadence is unchanged (the next ping is due one interval after this one was
-# due, not after it went out). The step is small against the interval, so that
-# millisecond intervals (tests) keep their precision.
-TIMER_GRID = 0.02
-_GRID_FRACTION = 0.02
-
-
-def _tick(when: float, interval: float) -> float:
-    step = min(TIMER_GRID, interval * _GRID_FRACTION)
-    return math.ceil(when / step) * step
-
+__all__ = ["TIMER_SLACK", "Relay", "State"]
 
 _rng = random.Random()
 
@@ -152,11 +144,10 @@ class Relay(asyncio.Protocol):
 
     # Slots: tens of thousands of these live at once; a __dict__ each would double them.
     __slots__ = (
-        "_client_close_sent",
         "_client_eof",
         "_client_lost",
         "_client_wdl",
-        "_close_timer",
+        "_closed_by",
         "_connect_task",
         "_deadline",
         "_deadline_kind",
@@ -166,32 +157,24 @@ class Relay(asyncio.Protocol):
         "_held",
         "_ka_config",
         "_keep",
-        "_life_timer",
         "_mark",
-        "_pending_ping",
-        "_pending_uping",
         "_req_done",
         "_resp_started",
         "_server_name",
         "_timer",
         "_up_paused",
-        "_upstream_close_sent",
         "_upstream_eof",
         "_upstream_lost",
         "_upstream_ssl",
         "_upstream_wdl",
-        "_utimer",
         "bytes_in",
         "bytes_out",
         "client",
-        "client_code",
-        "closed_by",
         "config",
+        "conn",
         "counted",
-        "cscan",
         "id",
         "ip",
-        "ka",
         "loop",
         "method",
         "path",
@@ -202,17 +185,15 @@ class Relay(asyncio.Protocol):
         "requests",
         "resps",
         "route",
+        "session",
         "settings",
         "started",
         "state",
         "status",
-        "uka",
         "upstream",
-        "upstream_code",
-        "uscan",
     )
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Host[Relay]) -> None:
         self.proxy = proxy
         # One snapshot per connection (a SIGHUP must not pair the old upstream with the
         # new TLS context mid-handshake); open relays still take new keep-alive
@@ -248,31 +229,20 @@ class Relay(asyncio.Protocol):
         self._client_eof = False
         self._up_paused = False  # the upstream's write buffer is full
         self._events_request: RequestHead | None = None  # an upgrade on an events route
-        # Keep-alive and closing (RELAY only)
-        self.ka: KeepAlive | None = None
+        # After a 101 on a relay route: the connection core, and its one timer.
+        self.conn: Connection | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self.settings: KeepaliveSettings | None = None
         self._ka_config = config  # the configuration `settings` came from
-        self.cscan: FrameScanner | None = None
-        self.uscan: FrameScanner | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._pending_ping: bytes | None = None
+        self.session: EventsSession | None = None  # after a 101 on an events route
+        # Write deadlines before a 101 and in tunnels (the core keeps its own).
         self._client_wdl: asyncio.TimerHandle | None = None
         self._upstream_wdl: asyncio.TimerHandle | None = None
-        self._close_timer: asyncio.TimerHandle | None = None
-        self.client_code: int | None = None  # code in the client's Close frame
-        self.upstream_code: int | None = None  # code in the upstream's Close frame
-        self.closed_by: str | None = None
-        self._client_close_sent = False  # we (not the upstream) sent Close to the client
-        self._upstream_close_sent = False  # we (not the client) sent Close to the upstream
+        self._closed_by: str | None = None  # see closed_by
         self._client_lost = False
         self._upstream_lost = False
         self._upstream_eof = False
         self.counted = False  # past a handshake: shows in the active gauge and /connections
-        self._life_timer: asyncio.TimerHandle | None = None
-        # Optional pings toward the upstream (upstream.keepalive).
-        self.uka: KeepAlive | None = None
-        self._utimer: asyncio.TimerHandle | None = None
-        self._pending_uping: bytes | None = None
         self.bytes_in = 0  # client -> upstream, counted outside RELAY
         self.bytes_out = 0
         self.status: int | None = None
@@ -298,7 +268,11 @@ class Relay(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         state = self.state
         if state is State.RELAY:
-            self._client_frames(data)
+            conn = self.conn
+            assert conn is not None
+            acts = conn.data(conn.client, data)
+            if acts:
+                self._run(acts)
         elif state is State.TUNNEL:
             self.bytes_in += len(data)
             if self.upstream is not None:
@@ -312,11 +286,18 @@ class Relay(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         state = self.state
         up = self.upstream
+        if state is State.RELAY:
+            conn = self.conn
+            assert conn is not None
+            return conn.eof(conn.client)
         if state is State.TUNNEL:
             # A client may half-close after its request; keep the response path open
-            # until the upstream has finished too.
-            if up is not None and not self._upstream_eof and up.can_write_eof():
-                up.write_eof()
+            # until the upstream has finished too. A TLS upstream cannot be half-closed
+            # (no TLS transport can write an EOF): it hears nothing, and the client
+            # still gets its response.
+            if up is not None and not self._upstream_lost and not self._upstream_eof:
+                if up.can_write_eof():
+                    up.write_eof()
                 return True
             return None
         if (state is State.EXCHANGE or state is State.CONNECTING) and self._req_done:
@@ -336,14 +317,9 @@ class Relay(asyncio.Protocol):
             self.proxy.refusal_ended(self)
             return
         if self.state is State.RELAY:
-            if self.client_code is None and not self._client_close_sent:
-                self.closed_by = self.closed_by or "client_gone"
-            if not self._upstream_lost:
-                if self.client_code is None:
-                    # Client TCP gone without a Close: tell the upstream, politely.
-                    self._close_upstream(1001, "client went away")
-                else:
-                    self._arm_close_timer()
+            conn = self.conn
+            assert conn is not None
+            self._run(conn.lost(conn.client))
         else:
             # Whatever the upstream still has to say has nobody to go to.
             self._abort_upstream()
@@ -352,19 +328,21 @@ class Relay(asyncio.Protocol):
         self._maybe_finish()
 
     def pause_writing(self) -> None:
-        # The client is not reading as fast as the upstream writes: stop reading the
-        # upstream (backpressure instead of buffering) and start a fresh deadline.
-        if self.upstream is not None and not self._upstream_lost:
-            self.upstream.pause_reading()
-        self._cancel(self._client_wdl)
-        wait = self.settings.write_wait if self.settings else self.config.keepalive.write_wait
-        self._client_wdl = self.loop.call_later(wait, self._client_write_timeout)
+        # The client is not reading as fast as the upstream writes.
+        if self.state is State.RELAY:
+            conn = self.conn
+            assert conn is not None
+            self._run(conn.paused(conn.client))
+        else:
+            self._buffer_full(True)
 
     def resume_writing(self) -> None:
-        self._cancel(self._client_wdl)
-        self._client_wdl = None
-        if self.upstream is not None and not self._upstream_lost:
-            self.upstream.resume_reading()
+        if self.state is State.RELAY:
+            conn = self.conn
+            assert conn is not None
+            self._run(conn.resumed(conn.client))
+        else:
+            self._buffer_drained(True)
 
     def _client_reading(self) -> None:
         """Read the client unless something holds it: the upstream's full buffer, a
@@ -441,7 +419,7 @@ class Relay(asyncio.Protocol):
                 self.closed_by = "proxy:idle_timeout"
                 self._close_quietly()
             else:
-                self._reject(408, "request head not received in time")
+                self.reject(408, "request head not received in time")
         elif state is State.CONNECTING or state is State.EXCHANGE:
             if self._resp_started:
                 # Part of the response is with the client: no status can follow, so a
@@ -449,9 +427,9 @@ class Relay(asyncio.Protocol):
                 self.closed_by = "proxy:body_timeout" if kind == "body" else "proxy:read_timeout"
                 self.abort()
             elif kind == "body":
-                self._reject(408, "request body not received in time")
+                self.reject(408, "request body not received in time")
             else:
-                self._reject(504, "upstream did not answer in time")
+                self.reject(504, "upstream did not answer in time")
 
     def _client_http(self, data: bytes) -> None:
         reqs = self.reqs
@@ -483,7 +461,7 @@ class Relay(asyncio.Protocol):
             self.closed_by = "proxy:bad_request"
             self.abort()
         else:
-            self._reject(e.status, e.reason)
+            self.reject(e.status, e.reason)
 
     def _on_request(self, req: RequestHead) -> None:
         self.requests += 1
@@ -499,15 +477,15 @@ class Relay(asyncio.Protocol):
         if self.trusted_peer():
             ip = http.client_address(req, self.peer_ip, config.forwarded.networks())
             if ip != self.ip and not self.proxy.readdress(self, ip):
-                self._reject(429, "too many connections from this address")
+                self.reject(429, "too many connections from this address")
                 return
         route = config.route_for(req.path)
         if self.proxy.closing:
-            self._reject(503, "shutting down")
+            self.reject(503, "shutting down")
             return
         if req.method == "CONNECT":
             # Only ever the configured upstream: never a tunnel to a place the client names.
-            self._reject(
+            self.reject(
                 405,
                 "CONNECT is not supported",
                 [("Allow", "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS")],
@@ -517,7 +495,7 @@ class Relay(asyncio.Protocol):
         if route is not None and route.mode == "events":
             # wsproxy is the endpoint here: the hand-over happens at the message's end.
             if not upgrade:
-                self._reject(426, "WebSocket upgrade required", [("Upgrade", "websocket")])
+                self.reject(426, "WebSocket upgrade required", [("Upgrade", "websocket")])
                 return
             if req.get("transfer-encoding") is not None or req.get("content-length") not in (
                 None,
@@ -525,7 +503,7 @@ class Relay(asyncio.Protocol):
             ):
                 # wsproxy is the endpoint: there is nobody to read a body, and its bytes
                 # must not go anywhere else.
-                self._reject(400, "a WebSocket upgrade has no body")
+                self.reject(400, "a WebSocket upgrade has no body")
                 return
             # No earlier upstream connection may see anything of this request.
             self._drop_upstream()
@@ -534,10 +512,10 @@ class Relay(asyncio.Protocol):
             return
         if config.passthrough == "off":
             if route is None:
-                self._reject(404, "no such route")
+                self.reject(404, "no such route")
                 return
             if not upgrade:
-                self._reject(426, "WebSocket upgrade required", [("Upgrade", "websocket")])
+                self.reject(426, "WebSocket upgrade required", [("Upgrade", "websocket")])
                 return
         if upgrade and route is not None:
             self.route = route
@@ -621,7 +599,7 @@ class Relay(asyncio.Protocol):
         nets = self.config.forwarded.networks()
         return bool(nets) and http.peer_is_trusted(self.peer_ip, nets)
 
-    def _reject(
+    def reject(
         self, status: int, message: str, headers: list[tuple[str, str]] | None = None
     ) -> None:
         """Answer the current request ourselves (``Connection: close``) and close."""
@@ -671,7 +649,7 @@ class Relay(asyncio.Protocol):
         if failure is not None:
             if self.state is State.CONNECTING:
                 self.proxy.upstream_error(self, failure[0])
-                self._reject(failure[1], failure[2])
+                self.reject(failure[1], failure[2])
             return
         if (
             self.state is not State.CONNECTING
@@ -681,7 +659,7 @@ class Relay(asyncio.Protocol):
         ):
             if self.state is State.CONNECTING:
                 self.proxy.upstream_error(self, "closed")
-                self._reject(502, "upstream closed the connection")
+                self.reject(502, "upstream closed the connection")
             else:
                 self._abort_upstream()
             return
@@ -800,7 +778,7 @@ class Relay(asyncio.Protocol):
             self.closed_by = "proxy:bad_response"
             self.abort()
         else:
-            self._reject(502, "upstream sent an invalid response")
+            self.reject(502, "upstream sent an invalid response")
 
     def _exchange_done(self) -> None:
         """A request and its response are complete: close, or read the next request."""
@@ -848,6 +826,8 @@ class Relay(asyncio.Protocol):
     def _start_relay(self, rest: bytes) -> None:
         self._stop_deadline()
         assert self.route is not None and self.client is not None
+        cl, up = self.client, self.upstream
+        assert up is not None
         self.state = State.RELAY
         # Keep-alive settings and frame limits are live (SIGHUP reaches open relays
         # too), so a relay takes them from the proxy's current configuration; the
@@ -858,105 +838,102 @@ class Relay(asyncio.Protocol):
             live, route = self.config, self.route
         self.settings = settings = live.keepalive_for(route)
         self._ka_config = live
-        limit = live.limits.max_frame_size
-        self.cscan = FrameScanner(masked=True, max_frame_size=limit)
-        self.uscan = FrameScanner(masked=False, max_frame_size=None)
-        now = self.loop.time()
-        self.ka = KeepAlive(
-            ping_interval=settings.ping_interval,
-            pong_wait=settings.pong_wait,
-            now=now,
-            first_ping_delay=first_ping_delay(settings.ping_interval, _rng),
-            slack=TIMER_SLACK,
-        )
-        self._timer = self.loop.call_at(
-            _tick(self.ka.next_wakeup(), self.ka.ping_interval), self._on_timer
-        )
+        life = None
         if settings.max_lifetime is not None:
             life = settings.max_lifetime + _rng.uniform(0.0, settings.max_lifetime_jitter)
-            self._life_timer = self.loop.call_at(now + life, self._lifetime_over)
         uk = self.config.upstream.keepalive
-        if uk is not None:
-            self.uka = KeepAlive(
-                ping_interval=uk.ping_interval,
-                pong_wait=uk.pong_wait,
-                now=now,
-                first_ping_delay=first_ping_delay(uk.ping_interval, _rng),
-                slack=TIMER_SLACK,
-            )
-            self._utimer = self.loop.call_at(
-                _tick(self.uka.next_wakeup(), self.uka.ping_interval), self._on_utimer
-            )
+        self.conn = conn = Connection(
+            to_client=cl.write,
+            to_upstream=up.write,
+            settings=settings,
+            max_frame_size=live.limits.max_frame_size,
+            clock=self.loop.time,
+            fine=time.perf_counter,
+            mask_key=_mask_key,
+            gone_close_code=self.config.upstream.gone_close_code,
+            first_ping=first_ping_delay(settings.ping_interval, _rng),
+            upstream_ka=None if uk is None else (uk.ping_interval, uk.pong_wait),
+            first_upstream_ping=0.0 if uk is None else first_ping_delay(uk.ping_interval, _rng),
+            lifetime=life,
+        )
+        # From here the core owns the write deadlines: a buffer that is full now
+        # starts its deadline afresh there.
+        full = (self._client_wdl is not None, self._upstream_wdl is not None)
+        self._stop_write_deadlines()
         self.proxy.connection_accepted(self, tunnel=False)
+        self._run(conn.start())
+        for side, paused in zip((conn.client, conn.upstream), full, strict=True):
+            if paused:
+                self._run(conn.paused(side))
         if rest:
-            self._upstream_frames(rest)
+            self._run(conn.data(conn.upstream, rest))
         held = self._leave_http()
-        if held and self.state is State.RELAY:
-            self._client_frames(held)
+        if held:
+            self._run(conn.data(conn.client, held))
         self._client_reading()
 
-    # ------------------------------------------------------------------ relay: frames
+    def _run(self, acts: list[Action]) -> None:
+        """Carry out the core's actions (writes went out already, in order)."""
+        conn = self.conn
+        assert conn is not None
+        for kind, side, arg in acts:
+            if kind == TIMER:
+                self._cancel(self._timer)
+                self._timer = self.loop.call_at(arg, self._on_timer)
+                continue
+            client = side is conn.client
+            if kind == COUNT:
+                self._count(client, arg)
+                continue
+            tr = self.client if client else self.upstream
+            if tr is None:  # pragma: no cover - both exist from the 101 on
+                continue
+            if kind == CLOSE:
+                tr.close()
+            elif kind == ABORT:
+                if client:
+                    tr.abort()
+                else:
+                    # Counts as gone now: the core hears it at once.
+                    self._abort_upstream()
+                    self._run(conn.lost(conn.upstream))
+            elif kind == PAUSE:
+                tr.pause_reading()
+            elif kind == RESUME:
+                tr.resume_reading()
+        if conn.finished:
+            self._maybe_finish()
 
-    def _client_frames(self, data: bytes) -> None:
-        scan = self.cscan
-        up = self.upstream
-        assert scan is not None and up is not None
-        items = scan.feed(data, mark_boundary=self._pending_uping is not None)
-        if self.settings is not None and self.settings.liveness == "any_frame":
-            assert self.ka is not None
-            self.ka.on_data(self.loop.time())
-        discard = self.client_code is not None or self._upstream_close_sent or self._upstream_lost
-        for item in items:
-            if type(item) is ControlFrame:
-                self._client_control(item, up, discard)
-                # After the client's Close nothing more goes upstream (RFC 6455 5.5.1).
-                discard = (
-                    self.client_code is not None or self._upstream_close_sent or self._upstream_lost
-                )
-            elif type(item) is frames.Boundary:
-                if self._pending_uping is not None and not discard:
-                    up.write(self._pending_uping)
-                self._pending_uping = None
-            elif not discard:
-                up.write(item)  # type: ignore[arg-type]
-        if scan.error is not None and not discard:
-            err = scan.error
-            self.closed_by = "proxy:protocol_error"
-            self._close_client(err.code, err.reason)
-            self._close_upstream(1001, "client protocol error")
-
-    def _client_control(self, f: ControlFrame, up: asyncio.Transport, discard: bool) -> None:
-        op = f.opcode
-        if op == frames.OP_PONG:
-            assert self.ka is not None
-            rtt = self.ka.on_pong(f.payload, self.loop.time())
-            if is_own_pong(f.payload):
-                if rtt is not None:
-                    self.proxy.pong_received(self, rtt)
-                    if ka_log.isEnabledFor(logging.DEBUG):
-                        ka_log.debug(
-                            "pong", extra={FIELDS: {"id": self.id, "rtt_ms": round(rtt * 1000, 3)}}
-                        )
-                return  # our own Pong: the upstream never asked for it
-        elif op == frames.OP_CLOSE:
-            if self.client_code is None:
-                self.client_code = _close_code(f.payload)
-                self.closed_by = self.closed_by or "client"
-                self._arm_close_timer()
-            if self._client_close_sent:
-                # The client answered our Close: the handshake on this side is done.
-                assert self.client is not None
-                self.client.close()
-                return
-        if not discard or (
-            op == frames.OP_CLOSE and not self._upstream_close_sent and not self._upstream_lost
-        ):
-            up.write(f.raw)
+    def _count(self, client: bool, what: tuple[Any, ...]) -> None:
+        """A metric event of the core, for the client (``client``) or the upstream."""
+        kind = what[0]
+        proxy = self.proxy
+        if kind == "write_timeout":
+            proxy.write_timeout(self, "client" if client else "upstream")
+        elif kind == "keepalive_timeout":
+            if client:
+                proxy.keepalive_timeout(self)
+            else:
+                proxy.upstream_keepalive_timeout(self)
+        elif client:  # pings and Pongs toward the upstream have no metrics
+            if kind == "ping":
+                proxy.ping_sent(self)
+            else:
+                proxy.pong_received(self, what[1])
+            if ka_log.isEnabledFor(logging.DEBUG):
+                fields: dict[str, Any] = {"id": self.id}
+                if kind == "pong":
+                    fields["rtt_ms"] = round(what[1] * 1000, 3)
+                ka_log.debug(kind, extra={FIELDS: fields})
 
     def upstream_data(self, data: bytes) -> None:
         state = self.state
         if state is State.RELAY:
-            self._upstream_frames(data)
+            conn = self.conn
+            assert conn is not None
+            acts = conn.data(conn.upstream, data)
+            if acts:
+                self._run(acts)
         elif state is State.TUNNEL:
             self.bytes_out += len(data)
             assert self.client is not None
@@ -969,194 +946,33 @@ class Relay(asyncio.Protocol):
             self._drop_upstream()
         # CONNECTING (nothing sent yet) or CLOSED: nothing to do with the bytes.
 
-    def _upstream_frames(self, data: bytes) -> None:
-        scan = self.uscan
-        cl = self.client
-        assert scan is not None and cl is not None
-        items = scan.feed(data, mark_boundary=self._pending_ping is not None)
-        discard = self._client_close_sent or self._client_lost
-        for item in items:
-            t = type(item)
-            if t is ControlFrame:
-                assert isinstance(item, ControlFrame)
-                if item.opcode == frames.OP_PONG and self.uka is not None:
-                    self.uka.on_pong(item.payload, self.loop.time())
-                    if is_own_pong(item.payload):
-                        continue  # the answer to our own ping: not the client's business
-                elif item.opcode == frames.OP_CLOSE:
-                    if self.upstream_code is None:
-                        self.upstream_code = _close_code(item.payload)
-                        self.closed_by = self.closed_by or "upstream"
-                        self._arm_close_timer()
-                    if self._upstream_close_sent:
-                        # The upstream answered our Close.
-                        assert self.upstream is not None
-                        self.upstream.close()
-                        continue
-                if not discard:
-                    cl.write(item.raw)
-            elif t is frames.Boundary:
-                if self._pending_ping is not None and not discard:
-                    cl.write(self._pending_ping)
-                self._pending_ping = None
-            elif not discard:
-                cl.write(item)  # type: ignore[arg-type]
-        if scan.error is not None and not self._upstream_close_sent:
-            self.closed_by = "proxy:upstream_protocol_error"
-            self._close_upstream(1002, scan.error.reason)
-            self._close_client(1011, "upstream protocol error")
-
     # ------------------------------------------------------------------ keep-alive
 
     def _on_timer(self) -> None:
-        ka = self.ka
         self._timer = None
-        if ka is None or self.state is not State.RELAY or self._closing():
+        conn = self.conn
+        if conn is None or self.state is not State.RELAY:
             return
-        now = self.loop.time()
         if self.proxy.config is not self._ka_config:
-            self._reconfigure(now)
-        action = ka.poll(now)
-        if action is TIMEOUT:
-            self.closed_by = "proxy:keepalive_timeout"
-            self.proxy.keepalive_timeout(self)
-            self._close_client(1011, "keepalive timeout", abort_after=True)
-            self._close_upstream(1001, "client keepalive timeout")
-            return
-        if isinstance(action, bytes):
-            ping = frames.build_frame(frames.OP_PING, action)
-            assert self.uscan is not None and self.client is not None
-            if self.uscan.at_boundary:
-                self.client.write(ping)
-            else:
-                # Mid-frame: the Ping goes out at the next frame boundary.
-                self._pending_ping = ping
-            self.proxy.ping_sent(self)
-            if ka_log.isEnabledFor(logging.DEBUG):
-                ka_log.debug("ping", extra={FIELDS: {"id": self.id, "seq": ka.pings_sent}})
-        self._timer = self.loop.call_at(_tick(ka.next_wakeup(), ka.ping_interval), self._on_timer)
+            self._reconfigure()
+        self._run(conn.timer())
 
     def reconfigure(self) -> None:
         """Apply a reloaded config now (SIGHUP): new cadence, deadlines and limits."""
-        if self.state is not State.RELAY or self.ka is None or self._closing():
-            return
-        self._reconfigure(self.loop.time())
-        self._cancel(self._timer)
-        self._timer = self.loop.call_at(
-            _tick(self.ka.next_wakeup(), self.ka.ping_interval), self._on_timer
-        )
+        if self.state is State.RELAY and self.conn is not None and not self.conn.closing:
+            self._reconfigure()
 
-    def _reconfigure(self, now: float) -> None:
+    def _reconfigure(self) -> None:
         """Take the proxy's current config; also checked at every timer."""
-        assert self.ka is not None and self.route is not None
+        assert self.conn is not None and self.route is not None
         self._ka_config = config = self.proxy.config
         route = config.route_for(self.route.path)
         if route is None or route.mode != "relay":
             return  # the route is gone: the connection keeps the settings it had
         self.settings = settings = config.keepalive_for(route)
-        self.ka.reconfigure(settings.ping_interval, settings.pong_wait, now)
-        if self.cscan is not None:
-            self.cscan.max_frame_size = config.limits.max_frame_size
-
-    def _on_utimer(self) -> None:
-        uka = self.uka
-        self._utimer = None
-        if uka is None or self.state is not State.RELAY or self._closing():
-            return
-        action = uka.poll(self.loop.time())
-        if action is TIMEOUT:
-            # The upstream vanished without a FIN: the client hears why, then the
-            # upstream side is dropped (there is nobody there to close with).
-            self.closed_by = "proxy:upstream_keepalive_timeout"
-            self.proxy.upstream_keepalive_timeout(self)
-            self._close_client(1011, "upstream keepalive timeout", abort_after=True)
-            if self.upstream is not None:
-                self.upstream.abort()
-            return
-        if isinstance(action, bytes):
-            ping = frames.build_frame(frames.OP_PING, action, mask=os.urandom(4))
-            assert self.cscan is not None and self.upstream is not None
-            if self.cscan.at_boundary:
-                self.upstream.write(ping)
-            else:
-                self._pending_uping = ping
-        self._utimer = self.loop.call_at(
-            _tick(uka.next_wakeup(), uka.ping_interval), self._on_utimer
-        )
-
-    def _lifetime_over(self) -> None:
-        self._life_timer = None
-        if self.state is State.RELAY and not self._closing():
-            self.closed_by = "proxy:max_lifetime"
-            self.shutdown(1001, "going away")
-
-    def _closing(self) -> bool:
-        return (
-            self._client_close_sent
-            or self._upstream_close_sent
-            or self.client_code is not None
-            or self.upstream_code is not None
-            or self._client_lost
-            or self._upstream_lost
-        )
+        self._run(self.conn.reconfigure(settings, config.limits.max_frame_size))
 
     # ------------------------------------------------------------------ closing
-
-    def _close_client(self, code: int, reason: str, *, abort_after: bool = False) -> None:
-        """Send Close(code, reason) to the client, then finish its side.
-
-        The Close is written only at a frame boundary of the upstream->client stream
-        (injecting it mid-frame would corrupt the stream); otherwise the client is
-        aborted. A client whose Close we are still waiting for is aborted after
-        ``close_timeout``.
-        """
-        cl = self.client
-        if cl is None or self._client_lost or self._client_close_sent:
-            return
-        self._client_close_sent = True
-        self._cancel(self._timer)
-        if self.upstream_code is not None:
-            # The upstream's Close already went to the client; await the reply.
-            self._arm_close_timer()
-            return
-        uscan = self.uscan
-        if uscan is not None and uscan.at_boundary:
-            cl.write(frames.build_frame(frames.OP_CLOSE, frames.close_payload(code, reason)))
-            if self.client_code is not None or abort_after:
-                # The client already sent its Close (or is presumed dead): no reply to await.
-                cl.close()
-            self._arm_close_timer()
-        else:
-            cl.abort()
-
-    def _close_upstream(self, code: int, reason: str) -> None:
-        """Send a masked Close(code, reason) to the upstream and wait for its reply."""
-        up = self.upstream
-        if up is None or self._upstream_lost or self._upstream_close_sent:
-            return
-        self._upstream_close_sent = True
-        if self.client_code is not None:
-            # The client's Close already went upstream: let that handshake finish.
-            self._arm_close_timer()
-            return
-        cscan = self.cscan
-        if cscan is not None and cscan.at_boundary:
-            mask = os.urandom(4)  # we are the upstream's client now: our frames are masked
-            up.write(
-                frames.build_frame(frames.OP_CLOSE, frames.close_payload(code, reason), mask=mask)
-            )
-            self._arm_close_timer()
-        else:
-            up.abort()
-
-    def _arm_close_timer(self) -> None:
-        if self._close_timer is None and not self._finished:
-            wait = self.settings.close_timeout if self.settings else 5.0
-            self._close_timer = self.loop.call_later(wait, self._close_timed_out)
-
-    def _close_timed_out(self) -> None:
-        self._close_timer = None
-        self.abort()
 
     def abort(self) -> None:
         """Drop both sides now (no handshake)."""
@@ -1175,44 +991,89 @@ class Relay(asyncio.Protocol):
     def shutdown(self, code: int = 1001, reason: str = "going away") -> None:
         """Close both sides with ``code`` (proxy shutdown, max lifetime)."""
         if self.state is State.RELAY:
-            self.closed_by = self.closed_by or "proxy:shutdown"
-            self._close_client(code, reason)
-            self._close_upstream(code, reason)
+            assert self.conn is not None
+            self._run(self.conn.shutdown(code, reason))
         elif self.state is State.HEAD:
             if self._deadline_kind == "idle" and not self.reqs.head_started:
                 self._close_quietly()  # between requests: nothing to answer
             else:
-                self._reject(503, "shutting down")
+                self.reject(503, "shutting down")
         elif self.state is State.CONNECTING or (
             self.state is State.EXCHANGE and not self._resp_started and self.route is not None
         ):
-            self._reject(503, "shutting down")
+            self.reject(503, "shutting down")
         elif self.state is State.EVENTS and self.proxy.events is not None:
             self.proxy.events.shutdown(self, code, reason)
         # A request in flight and a TUNNEL are left alone: the exchange should finish
         # (the connection closes after it); whatever is still open when the grace
         # period ends is aborted.
 
-    def _client_write_timeout(self) -> None:
-        self._client_wdl = None
-        self.closed_by = "proxy:write_timeout"
-        self.proxy.write_timeout(self, "client")
-        if self.client is not None:
-            self.client.abort()  # it is not reading: a Close would sit in the same buffer
-        if self.state is State.RELAY:
-            self._close_upstream(1001, "client write timeout")
+    # ------------------------------------------------------------------ write deadlines
+    # Before a 101 and in a tunnel (the core has its own after a 101 on a relay route).
+
+    def _buffer_full(self, client: bool) -> None:
+        """The client's (``client``) or the upstream's write buffer is full: hold the
+        other side (backpressure instead of buffering) and start a fresh deadline."""
+        wait = self.config.keepalive.write_wait
+        handle = self.loop.call_later(wait, self._write_timed_out, client)
+        if client:
+            self._cancel(self._client_wdl)
+            self._client_wdl = handle
+            if self.upstream is not None and not self._upstream_lost:
+                self.upstream.pause_reading()
         else:
-            self._abort_upstream()
+            self._cancel(self._upstream_wdl)
+            self._upstream_wdl = handle
+            self._up_paused = True
+            self._client_reading()
+
+    def _buffer_drained(self, client: bool) -> None:
+        if client:
+            self._cancel(self._client_wdl)
+            self._client_wdl = None
+            if self.upstream is not None and not self._upstream_lost:
+                self.upstream.resume_reading()
+        else:
+            self._cancel(self._upstream_wdl)
+            self._upstream_wdl = None
+            self._up_paused = False
+            self._client_reading()
+
+    def _write_timed_out(self, client: bool) -> None:
+        """A side did not take our bytes for write_wait: it is not reading, so both
+        are dropped (a status or a Close would sit in the same buffer)."""
+        name = "client" if client else "upstream"
+        if client:
+            self._client_wdl = None
+            self.closed_by = "proxy:write_timeout"
+        else:
+            self._upstream_wdl = None
+            self.closed_by = "proxy:upstream_write_timeout"
+        self.proxy.write_timeout(self, name)
+        if self.client is not None and not self._client_lost:
+            self.client.abort() if client else self.client.close()
+        self._abort_upstream()
+        self._maybe_finish()
+
+    def _stop_write_deadlines(self) -> None:
+        self._cancel(self._client_wdl)
+        self._cancel(self._upstream_wdl)
+        self._client_wdl = self._upstream_wdl = None
 
     # ------------------------------------------------------------------ upstream side
 
     def upstream_eof(self) -> bool | None:
-        # No half-close from the upstream's side: once it has finished sending, the
-        # client connection is closed after the buffered bytes drain (what nginx does);
-        # a client that never closes would otherwise hold the pair forever.
         self._upstream_eof = True
-        if self.state is State.EXCHANGE:
+        state = self.state
+        if state is State.RELAY:
+            conn = self.conn
+            assert conn is not None
+            return conn.eof(conn.upstream)
+        if state is State.EXCHANGE:
             self._response_ended()
+        # No half-close from the upstream's side otherwise: once it has finished
+        # sending, the client connection is closed after the buffered bytes drain
+        # (what nginx does); a client that never closes would otherwise hold the pair.
         return None
 
     def _response_ended(self) -> None:
@@ -1220,14 +1081,13 @@ class Relay(asyncio.Protocol):
         body, or a response cut short."""
         try:
             events = self.resps.feed_eof()
-        except http.HttpError as e:
+        except http.HttpError:
             if self._resp_started:
                 self.closed_by = "proxy:upstream_gone"
                 self.abort()
             else:
                 self.proxy.upstream_error(self, "closed")
-                self._reject(502, "upstream closed the connection")
-            del e
+                self.reject(502, "upstream closed the connection")
             return
         self._response_events(events)
 
@@ -1239,18 +1099,9 @@ class Relay(asyncio.Protocol):
         self._cancel(self._upstream_wdl)
         state = self.state
         if state is State.RELAY:
-            if self.upstream_code is None and not self._upstream_close_sent:
-                # Upstream TCP gone without a Close.
-                self.closed_by = self.closed_by or "upstream_gone"
-                self._close_client(
-                    self.config.upstream.gone_close_code, "upstream went away", abort_after=True
-                )
-            elif self.client is not None and not self._client_lost:
-                if self.upstream_code is not None and not self._client_close_sent:
-                    # The upstream ended its handshake; the client got its Close frame.
-                    self.client.close()
-                elif self._client_close_sent and self.client_code is not None:
-                    self.client.close()
+            conn = self.conn
+            assert conn is not None
+            self._run(conn.lost(conn.upstream))
         elif state is State.EXCHANGE:
             self._response_ended()  # a no-op when its end was already seen
         elif state is State.TUNNEL and self.client is not None:
@@ -1260,28 +1111,20 @@ class Relay(asyncio.Protocol):
         self._maybe_finish()
 
     def upstream_paused(self) -> None:
-        self._up_paused = True
-        self._client_reading()
-        self._cancel(self._upstream_wdl)
-        wait = self.settings.write_wait if self.settings else self.config.keepalive.write_wait
-        self._upstream_wdl = self.loop.call_later(wait, self._upstream_write_timeout)
+        if self.state is State.RELAY:
+            conn = self.conn
+            assert conn is not None
+            self._run(conn.paused(conn.upstream))
+        else:
+            self._buffer_full(False)
 
     def upstream_resumed(self) -> None:
-        self._up_paused = False
-        self._cancel(self._upstream_wdl)
-        self._upstream_wdl = None
-        self._client_reading()
-
-    def _upstream_write_timeout(self) -> None:
-        self._upstream_wdl = None
-        self.closed_by = "proxy:upstream_write_timeout"
-        self.proxy.write_timeout(self, "upstream")
-        self._abort_upstream()
         if self.state is State.RELAY:
-            self._close_client(1011, "upstream write timeout", abort_after=True)
-        elif self.client is not None:
-            self.client.close()
-        self._maybe_finish()
+            conn = self.conn
+            assert conn is not None
+            self._run(conn.resumed(conn.upstream))
+        else:
+            self._buffer_drained(False)
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -1301,38 +1144,101 @@ class Relay(asyncio.Protocol):
             return  # finishes in _connect_done, which runs even if the task never started
         self._finished = True
         self.state = State.CLOSED
-        for h in (
-            self._timer,
-            self._client_wdl,
-            self._upstream_wdl,
-            self._close_timer,
-            self._deadline,
-            self._life_timer,
-            self._utimer,
-        ):
+        for h in (self._timer, self._client_wdl, self._upstream_wdl, self._deadline):
             self._cancel(h)
-        self._timer = self._client_wdl = self._upstream_wdl = self._close_timer = None
-        self._life_timer = self._utimer = None
-        self._deadline = None
+        self._timer = self._client_wdl = self._upstream_wdl = self._deadline = None
         self._held.clear()
-        if self.cscan is None:
+        if self.conn is None and (self.route is None or self.route.mode != "events"):
             # Never a relay (its last request may have been a refused upgrade on a
             # route): its bytes count as passthrough, and it has no close codes.
             self.route = None
         self.proxy.connection_closed(self)
 
+    def attach(self, session: EventsSession) -> None:
+        """An events route took the connection over after its 101: ``session`` owns
+        the transport from now on, and reports its end through :meth:`detach`."""
+        self.session = session
+        self.status = 101
+        self.proxy.connection_accepted(self, tunnel=False)
+
+    def detach(self) -> None:
+        """The events session has ended: the connection is closed."""
+        if self._finished:
+            return
+        self._finished = True
+        self.state = State.CLOSED
+        self.proxy.connection_closed(self)
+
+    @property
+    def closed_by(self) -> str | None:
+        """Why the connection ended (first cause): ``client``, ``upstream``,
+        ``client_gone``, ``upstream_gone`` or ``proxy:<reason>``."""
+        conn, session = self.conn, self.session
+        if conn is not None:
+            return conn.closed_by
+        return session.closed_by if session is not None else self._closed_by
+
+    @closed_by.setter
+    def closed_by(self, cause: str | None) -> None:
+        conn = self.conn
+        if conn is not None:
+            conn.closed_by = cause
+        else:
+            self._closed_by = cause
+
+    @property
+    def client_code(self) -> int | None:
+        """The code of the client's Close (1005: a Close without one), or None."""
+        conn, session = self.conn, self.session
+        if conn is not None:
+            return conn.client.code
+        return session.client_code if session is not None else None
+
+    @property
+    def upstream_code(self) -> int | None:
+        """The code of the upstream's Close, or None."""
+        conn = self.conn
+        return conn.upstream.code if conn is not None else None
+
+    @property
+    def proxy_to_client(self) -> int | None:
+        """The code of the Close wsproxy itself sent to the client (not one it relayed),
+        or None: for an events session, the one it sent as the endpoint."""
+        conn, session = self.conn, self.session
+        if conn is not None:
+            return conn.client.sent
+        return session.sent_code if session is not None else None
+
+    @property
+    def proxy_to_upstream(self) -> int | None:
+        """The code of the Close wsproxy itself sent to the upstream, or None."""
+        conn = self.conn
+        return conn.upstream.sent if conn is not None else None
+
+    @property
+    def ka(self) -> KeepAlive | None:
+        """The keep-alive policy toward the client (a relay's or an events session's)."""
+        conn, session = self.conn, self.session
+        if conn is not None:
+            return conn.client.ka
+        return session.ka if session is not None else None
+
     def traffic(self) -> tuple[int, int, int, int]:
         """Bytes in, bytes out, frames in, frames out (in: from the client). A relay's
         frames are its scanners' totals; an events connection's, its session's (it
         has no scanners); a tunnel counts none."""
-        cs, us = self.cscan, self.uscan
-        if cs is not None and us is not None:
+        conn = self.conn
+        if conn is not None:
+            cs, us = conn.client.scan, conn.upstream.scan
             return cs.bytes, us.bytes, cs.frames, us.frames
-        route, hub = self.route, self.proxy.events
-        if route is not None and route.mode == "events" and hub is not None:
-            session = hub.session_of(self)
-            if session is not None:
-                return self.bytes_in, self.bytes_out, session.frames_in, session.frames_out
+        session = self.session
+        if session is not None:
+            return (
+                self.bytes_in + session.bytes_in,
+                self.bytes_out + session.bytes_out,
+                session.frames_in,
+                session.frames_out,
+            )
         return self.bytes_in, self.bytes_out, 0, 0
 
     def snapshot(self) -> dict[str, Any]:
@@ -1349,7 +1255,7 @@ class Relay(asyncio.Protocol):
             "state": self.state.value,
             "age_s": round(_now() - self.started, 3),
             "since_last_pong_s": round(now - last_pong, 3) if last_pong is not None else None,
-            "last_rtt_ms": round(ka.last_rtt * 1000, 3) if ka and ka.last_rtt is not None else None,
+            "last_rtt_ms": _ms(ka.last_rtt) if ka is not None else None,
             "bytes_in": b_in,
             "bytes_out": b_out,
             "frames_in": f_in,
@@ -1358,7 +1264,11 @@ class Relay(asyncio.Protocol):
         }
 
     def info(self) -> dict[str, Any]:
-        """Fields for the close log line; never credentials."""
+        """Fields for the close log line; never credentials. ``client_code`` and
+        ``upstream_code`` are the codes each peer sent; ``proxy_to_client`` and
+        ``proxy_to_upstream`` those wsproxy itself sent (null: none, or only relayed);
+        ``pings`` counts wsproxy's Pings written to the client, ``pongs`` the client's
+        Pongs answering them."""
         ka = self.ka
         b_in, b_out, f_in, f_out = self.traffic()
         route = self.route
@@ -1371,14 +1281,12 @@ class Relay(asyncio.Protocol):
             "duration_s": round(_now() - self.started, 3),
             "client_code": self.client_code,
         }
-        if route is not None and route.mode == "events":
-            # wsproxy is the endpoint: no upstream, and the other Close is its own.
-            hub = self.proxy.events
-            session = hub.session_of(self) if hub is not None else None
-            fields["proxy_code"] = session.sent_code if session is not None else None
-        else:
+        if route is None or route.mode != "events":
             fields["upstream_code"] = self.upstream_code
+            fields["proxy_to_upstream"] = self.proxy_to_upstream
+        # An events route has no upstream: wsproxy is the endpoint.
         fields.update(
+            proxy_to_client=self.proxy_to_client,
             closed_by=self.closed_by,
             bytes_in=b_in,
             bytes_out=b_out,
@@ -1386,13 +1294,14 @@ class Relay(asyncio.Protocol):
             frames_out=f_out,
             pings=ka.pings_sent if ka else 0,
             pongs=ka.pongs_received if ka else 0,
-            rtt_ms=round(ka.last_rtt * 1000, 3) if ka and ka.last_rtt is not None else None,
+            rtt_ms=_ms(ka.last_rtt) if ka is not None else None,
         )
         return fields
 
 
-def _close_code(payload: bytes) -> int:
-    try:
-        return frames.parse_close(payload)[0]
-    except frames.FrameError:
-        return 1002
+def _ms(seconds: float | None) -> float | None:
+    return round(seconds * 1000, 3) if seconds is not None else None
+
+
+def _mask_key() -> bytes:
+    return os.urandom(4)

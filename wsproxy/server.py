@@ -4,6 +4,8 @@
 connection is a :class:`~wsproxy.relay.Relay`. The relay reports what happens to it
 through the small ``connection_*`` / ``ping_sent`` / ... hooks below, which are the one
 place that counts and logs, so the relay's hot path stays free of bookkeeping.
+Connections, metrics and the admin listener see the proxy only through the Protocols
+of :mod:`wsproxy.host`: nothing but the entry points imports this module.
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ import ssl
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wsproxy.admin import AdminServer, check_listening
 from wsproxy.config import Config, ConfigError, load_config
 from wsproxy.logs import FIELDS, setup_logging
 from wsproxy.metrics import PASSTHROUGH, Metrics, route_label
 from wsproxy.relay import Relay
+
+if TYPE_CHECKING:
+    from wsproxy.events.hub import EventsHub
 
 log = logging.getLogger("wsproxy")
 
@@ -207,8 +212,8 @@ class Proxy:
         if self.upstream_ssl is not None:
             self.upstream_server_name = config.upstream.tls.server_name or config.upstream.host
         self._client_ssl = client_ssl_context(config)
-        # Set by start() when a route has mode: events (wsproxy.events.EventsHub).
-        self.events: Any = None
+        # Set by start() when a route has mode: events.
+        self.events: EventsHub | None = None
         self._server: asyncio.Server | None = None
         self._idle = asyncio.Event()
         self._idle.set()

@@ -272,7 +272,7 @@ async def test_latency_below_pong_wait_survives(make_config, proxy, ws_upstream,
     assert not c.eof.is_set() and not conn.closed.done()
     assert p.stats["keepalive_timeouts"] == timeouts
     assert p.stats["pongs_received"] > pongs + 2
-    (rtt,) = [relay.ka.last_rtt for relay in p.relays]
+    (rtt,) = [relay.ka.last_rtt for relay in p.relays if relay.ka is not None]
     assert rtt >= LATENCY - JITTER - 10 * MS, rtt
     assert p.active == 1
     await tp.remove("latency_downstream")
@@ -337,7 +337,9 @@ async def test_slow_client_cut_after_write_wait(
     cut_at = loop.time()
 
     assert (code, reason) == (1001, "client write timeout")
-    assert cut_at - opened_at >= write_wait - 5 * MS, cut_at - opened_at
+    # The deadline runs from the proxy's first full buffer, which can come before the
+    # client reads its 101: that crosses the 4 KB/s link in one slice with flood bytes.
+    assert cut_at - opened_at >= write_wait - 150 * MS, cut_at - opened_at
     assert cut_at - opened_at <= write_wait + 4000 * MS, cut_at - opened_at
     assert p.stats["write_timeouts"] == cuts + 1
     assert conn.sent_bytes < total, "the upstream was never held back"

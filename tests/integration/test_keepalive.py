@@ -49,7 +49,7 @@ async def test_idle_client_gets_pings_at_cadence_and_stays_connected(
     assert pings, "no ping within 15 intervals"
     for f in pings:
         assert f.payload.startswith(PROXY_PING_PREFIX), f
-        assert len(f.payload) == len(PROXY_PING_PREFIX) + 8, f
+        assert len(f.payload) == len(PROXY_PING_PREFIX) + 16, f  # nonce, sequence number
         assert not f.masked and f.fin
     seqs = [int.from_bytes(f.payload[len(PROXY_PING_PREFIX) :], "big") for f in pings]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), seqs

@@ -1,0 +1,634 @@
+"""The connection core: one relayed WebSocket connection after its 101, sans I/O.
+
+A :class:`Connection` holds the state of both sides of a relayed connection: for each
+a :class:`Side` (its frame scanner, close state, pending Ping, keep-alive policy, write
+deadline, EOF and loss), and deadlines as absolute times. The asyncio layer
+(:mod:`wsproxy.relay`) feeds it events and carries out what it returns:
+
+* events: :meth:`Connection.data` (bytes from a side), :meth:`Connection.eof`,
+  :meth:`Connection.lost`, :meth:`Connection.paused` and :meth:`Connection.resumed`
+  (a side's write buffer filled or drained: write progress), :meth:`Connection.timer`,
+  :meth:`Connection.reconfigure` (reload), :meth:`Connection.shutdown`;
+* actions: writes go straight to each side's ``write`` callable (the relay passes the
+  transport's ``write``, a test a ``list.append``) so that the hot path costs one call;
+  everything else comes back as a list of ``(kind, side, argument)`` tuples: close,
+  abort, pause or resume reading a side, arm the timer at a loop time, count a metric.
+
+Nothing here imports asyncio or reads a clock of its own: the clocks are injected
+(``clock`` schedules, the event loop's; ``fine`` measures round trips, sub-millisecond).
+The model is python-websockets' ``protocol.py`` against its ``asyncio/connection.py``.
+
+Close rules (RFC 6455 §5.5.1, §7.1.7, §7.4):
+
+* nothing a side sends after its first Close is relayed;
+* a framing violation, or a Close with a code that must never be on the wire
+  (:func:`valid_close_code`) or a one-byte payload, *fails* that side: Close 1002 (1009
+  for a frame over the limit) and its TCP connection closed without awaiting a reply;
+  the other side gets a Close too (:attr:`Side.peer_error_code`), and its reply ends
+  the handshake as usual;
+* a side that sent its Close and then half-closed still receives the other side's
+  Close and everything before it;
+* a Close is only ever injected at a frame boundary; a side that is mid-frame is
+  aborted instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Final
+
+from wsproxy import frames
+from wsproxy.frames import Boundary, ControlFrame, FrameScanner
+from wsproxy.keepalive import TIMEOUT, KeepAlive
+
+__all__ = [
+    "ABORT",
+    "CLIENT",
+    "CLOSE",
+    "COUNT",
+    "PAUSE",
+    "RESUME",
+    "TIMER",
+    "TIMER_GRID",
+    "TIMER_SLACK",
+    "UPSTREAM",
+    "Action",
+    "Connection",
+    "Side",
+    "grid",
+    "valid_close_code",
+]
+
+# Action kinds: (kind, side, argument).
+#: Flush what was written to the side, then close its transport (FIN).
+CLOSE: Final = 1
+#: Drop the side's transport now (RST where it applies).
+ABORT: Final = 2
+#: Stop reading the side (the other side's write buffer is full).
+PAUSE: Final = 3
+#: Read the side again.
+RESUME: Final = 4
+#: Arm the connection's one timer at the loop time ``argument`` (replacing it).
+TIMER: Final = 5
+#: Count ``argument``: ``("ping",)``, ``("pong", rtt_seconds)``, ``("keepalive_timeout",)``
+#: or ``("write_timeout",)``, on behalf of the side.
+COUNT: Final = 6
+
+Action = tuple[int, "Side | None", Any]
+
+#: Side names, which are also the values of ``Side.name``.
+CLIENT: Final = "client"
+UPSTREAM: Final = "upstream"
+
+#: Timers may fire this much early (uvloop rounds delays to whole milliseconds and its
+#: clock advances in millisecond steps): a deadline within it counts as due.
+TIMER_SLACK: Final = 0.002
+#: Keep-alive wake-ups are rounded up to a grid, so that the timers of thousands of
+#: connections that fall due close together fire in one loop iteration (one epoll
+#: wake-up, and their Pongs come back together) instead of one each: this halved the
+#: proxy CPU per ping in bench/. A ping goes out at most one step late, never early,
+#: and the cadence is unchanged. The step is small against the interval, so that
+#: millisecond intervals (tests) keep their precision.
+TIMER_GRID: Final = 0.02
+_GRID_FRACTION: Final = 0.02
+
+_NO_ACTIONS: Final[list[Action]] = []
+
+
+def grid(when: float, interval: float) -> float:
+    """``when`` rounded up to the keep-alive grid for pings every ``interval``."""
+    step = min(TIMER_GRID, interval * _GRID_FRACTION)
+    return math.ceil(when / step) * step
+
+
+def valid_close_code(code: int) -> bool:
+    """Whether ``code`` may appear in a Close frame (RFC 6455 §7.4.1 and §7.4.2, and
+    the IANA registry: 1000-1003, 1007-1014, 3000-4999). 1004 is reserved; 1005, 1006
+    and 1015 are for reporting only; the rest of 0-2999 is reserved or unassigned."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+
+
+class Side:
+    """One peer of a relayed connection, transport-free.
+
+    ``write`` takes bytes to this peer. ``masked`` is true for the upstream: frames
+    from the client are masked, and the frames wsproxy builds toward the upstream must
+    be (RFC 6455 §5.3, wsproxy being the upstream's client).
+    """
+
+    __slots__ = (
+        "closed",
+        "code",
+        "done",
+        "eof",
+        "failed",
+        "ka",
+        "lost",
+        "mask_key",
+        "name",
+        "other",
+        "paused",
+        "peer_error_code",
+        "peer_gone_code",
+        "pending",
+        "reason",
+        "scan",
+        "sent",
+        "tag",
+        "told",
+        "wdl",
+        "write",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        write: Callable[[bytes], object],
+        scan: FrameScanner,
+        *,
+        mask_key: Callable[[], bytes] | None,
+        peer_gone_code: int,
+        peer_error_code: int,
+    ) -> None:
+        self.name = name
+        # Prefix of the proxy's close causes about this peer (proxy:upstream_...).
+        self.tag = "" if name == CLIENT else f"{name}_"
+        self.write = write
+        #: Scans the bytes *from* this peer.
+        self.scan = scan
+        # Returns a fresh masking key for frames we build toward this peer (None: unmasked).
+        self.mask_key = mask_key
+        #: Close code sent to this peer when the other peer is gone or timed out.
+        self.peer_gone_code = peer_gone_code
+        #: Close code sent to this peer when the other peer broke the protocol.
+        self.peer_error_code = peer_error_code
+        self.other: Side = self
+        #: Pings toward this peer, if it is kept alive.
+        self.ka: KeepAlive | None = None
+        #: A Ping to this peer waiting for a frame boundary of the stream toward it.
+        self.pending: bytes | None = None
+        #: This peer sent a Close (``code`` is its code, 1005 for none).
+        self.closed = False
+        self.code: int | None = None
+        #: A Close went to this peer (relayed, or ours: then ``sent`` is its code).
+        self.told = False
+        self.sent: int | None = None
+        self.reason = ""
+        #: This peer broke the protocol (failed: nothing more is read from it).
+        self.failed = False
+        #: This peer's write buffer is full; ``wdl`` is its write deadline.
+        self.paused = False
+        self.wdl: float | None = None
+        #: EOF from this peer; its transport is closed or aborted (``done``); it is gone.
+        self.eof = False
+        self.done = False
+        self.lost = False
+
+    @property
+    def gone(self) -> bool:
+        """Nothing can be written to this peer any more."""
+        return self.done or self.lost
+
+    def frame(self, opcode: int, payload: bytes) -> bytes:
+        """A control frame toward this peer, masked if it must be."""
+        key = self.mask_key
+        return frames.build_frame(opcode, payload, mask=key() if key is not None else None)
+
+
+class Connection:
+    """The state of one relayed WebSocket connection after its 101.
+
+    ``client`` and ``upstream`` are its two :class:`Side` objects. ``settings`` gives
+    ``ping_interval``, ``pong_wait``, ``write_wait``, ``close_timeout``, ``liveness``
+    (seconds; :class:`wsproxy.config.KeepaliveSettings`); ``upstream_ka`` the
+    ``(ping_interval, pong_wait)`` of pings toward the upstream, or None;
+    ``gone_close_code`` the code the client gets when the upstream is gone or dead.
+    ``first_ping`` and ``first_upstream_ping`` are the delays before the first pings
+    (spread by the caller), ``lifetime`` the connection's maximum age, if any.
+    """
+
+    __slots__ = (
+        "_actions",
+        "_armed",
+        "client",
+        "clock",
+        "close_at",
+        "closed_by",
+        "fine",
+        "life_at",
+        "liveness_any",
+        "settings",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        *,
+        to_client: Callable[[bytes], object],
+        to_upstream: Callable[[bytes], object],
+        settings: Any,
+        max_frame_size: int | None,
+        clock: Callable[[], float],
+        fine: Callable[[], float],
+        mask_key: Callable[[], bytes],
+        gone_close_code: int = 1011,
+        first_ping: float,
+        upstream_ka: tuple[float, float] | None = None,
+        first_upstream_ping: float = 0.0,
+        lifetime: float | None = None,
+    ) -> None:
+        self.clock = clock
+        self.fine = fine
+        self.settings = settings
+        self.liveness_any = settings.liveness == "any_frame"
+        now = clock()
+        self.client = c = Side(
+            CLIENT,
+            to_client,
+            FrameScanner(masked=True, max_frame_size=max_frame_size),
+            mask_key=None,
+            peer_gone_code=gone_close_code,
+            peer_error_code=1011,
+        )
+        self.upstream = u = Side(
+            UPSTREAM,
+            to_upstream,
+            FrameScanner(masked=False, max_frame_size=None),
+            mask_key=mask_key,
+            peer_gone_code=1001,
+            peer_error_code=1001,
+        )
+        c.other, u.other = u, c
+        c.ka = KeepAlive(
+            ping_interval=settings.ping_interval,
+            pong_wait=settings.pong_wait,
+            now=now,
+            first_ping_delay=first_ping,
+            slack=TIMER_SLACK,
+        )
+        if upstream_ka is not None:
+            u.ka = KeepAlive(
+                ping_interval=upstream_ka[0],
+                pong_wait=upstream_ka[1],
+                now=now,
+                first_ping_delay=first_upstream_ping,
+                slack=TIMER_SLACK,
+            )
+        #: Why the connection ended, first cause wins: ``client``, ``upstream``,
+        #: ``client_gone``, ``upstream_gone`` or ``proxy:<reason>``.
+        self.closed_by: str | None = None
+        #: When a pending close handshake gives up (both sides aborted).
+        self.close_at: float | None = None
+        self.life_at = None if lifetime is None else now + lifetime
+        self._armed: float | None = None
+        self._actions: list[Action] = []
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def finished(self) -> bool:
+        """Both sides are gone: the connection can be released."""
+        return self.client.lost and self.upstream.lost
+
+    @property
+    def closing(self) -> bool:
+        """A close handshake has begun, or a side is gone."""
+        c, u = self.client, self.upstream
+        return c.closed or u.closed or c.told or u.told or c.gone or u.gone
+
+    def next_wakeup(self) -> float | None:
+        """The earliest deadline (loop time), or None when nothing is pending."""
+        times: list[float] = []
+        if not self.closing:
+            for side in (self.client, self.upstream):
+                ka = side.ka
+                if ka is not None:
+                    times.append(grid(ka.next_wakeup(), ka.ping_interval))
+            if self.life_at is not None:
+                times.append(self.life_at)
+        for side in (self.client, self.upstream):
+            if side.wdl is not None and not side.gone:
+                times.append(side.wdl)
+        if self.close_at is not None:
+            times.append(self.close_at)
+        return min(times) if times else None
+
+    # ------------------------------------------------------------------ events
+
+    def start(self) -> list[Action]:
+        """Actions to run once the connection is set up (its first timer)."""
+        self._schedule()
+        return self._take()
+
+    def data(self, src: Side, data: bytes) -> list[Action]:
+        """Bytes from ``src``: relay them, frame-aware. Returns the actions."""
+        dst = src.other
+        pend = dst.pending
+        items = src.scan.feed(data, mark_boundary=pend is not None)
+        if src.closed or src.failed:
+            return _NO_ACTIONS  # nothing after a side's Close, or after its violation
+        ka = src.ka
+        if self.liveness_any and ka is not None and src is self.client:
+            ka.on_data(self.clock())
+        flowing = not (dst.told or dst.done or dst.lost)
+        write = dst.write
+        for item in items:
+            t = type(item)
+            if t is ControlFrame:
+                self._control(src, item)  # type: ignore[arg-type]
+                if src.closed or src.failed:
+                    break
+                flowing = not (dst.told or dst.done or dst.lost)
+            elif t is Boundary:
+                self._boundary(dst)
+            elif flowing:
+                write(item)  # type: ignore[arg-type]
+        else:
+            err = src.scan.error
+            if err is not None:
+                self._fail(src, err.code, err.reason)
+        if pend is not None and flowing and not dst.paused and dst.ka is not None:
+            # Bytes its socket accepted while its Ping waited: it is reading.
+            dst.ka.progress(self.clock())
+        return self._take()
+
+    def eof(self, side: Side) -> bool:
+        """EOF from ``side``. Returns whether to keep its transport open for writing:
+        a side that sent its Close and then half-closed is still owed the other side's
+        Close."""
+        side.eof = True
+        return side.closed and not side.told and not side.gone
+
+    def lost(self, side: Side) -> list[Action]:
+        """``side``'s transport is gone."""
+        if side.lost:
+            return _NO_ACTIONS
+        side.lost = True
+        side.pending = None
+        side.wdl = None
+        other = side.other
+        if not side.closed and not side.told and not side.failed:
+            self._cause(f"{side.name}_gone")
+        if not other.gone:
+            self.actions_resume(other)
+            if not side.closed:
+                # Gone without a Close: tell the other side, politely.
+                self._close(other, other.peer_gone_code, f"{side.name} went away")
+        self._schedule()
+        return self._take()
+
+    def paused(self, side: Side) -> list[Action]:
+        """``side``'s write buffer is full: stop reading the other side (backpressure
+        instead of buffering) and start a fresh write deadline."""
+        side.paused = True
+        side.wdl = self.clock() + self.settings.write_wait
+        other = side.other
+        if not other.lost:
+            self._act(PAUSE, other)
+        self._schedule()
+        return self._take()
+
+    def resumed(self, side: Side) -> list[Action]:
+        """``side``'s write buffer drained: write progress."""
+        side.paused = False
+        side.wdl = None
+        ka = side.ka
+        if ka is not None and ka.waiting is not None:
+            ka.progress(self.clock())
+        self.actions_resume(side.other)
+        return self._take()
+
+    def timer(self) -> list[Action]:
+        """The timer fired: run what is due, and arm the next one."""
+        self._armed = None
+        now = self.clock()
+        due = now + TIMER_SLACK
+        if self.close_at is not None and due >= self.close_at:
+            self.close_at = None
+            for side in (self.client, self.upstream):
+                self._abort(side)
+            return self._take()
+        for side in (self.client, self.upstream):
+            if side.wdl is not None and due >= side.wdl and not side.gone:
+                self._write_timeout(side)
+        if not self.closing:
+            if self.life_at is not None and due >= self.life_at:
+                self._cause("proxy:max_lifetime")
+                self.shutdown(1001, "going away")
+            else:
+                for side in (self.client, self.upstream):
+                    self._keepalive(side, now)
+                    if self.closing:
+                        break
+        self._schedule()
+        return self._take()
+
+    def shutdown(self, code: int = 1001, reason: str = "going away") -> list[Action]:
+        """Close both sides with ``code`` (proxy shutdown, max lifetime)."""
+        self._cause("proxy:shutdown")
+        for side in (self.client, self.upstream):
+            self._close(side, code, reason)
+        self._schedule()
+        return self._take()
+
+    def reconfigure(self, settings: Any, max_frame_size: int | None) -> list[Action]:
+        """Take reloaded keep-alive settings and the client frame limit (SIGHUP)."""
+        ka = self.client.ka
+        assert ka is not None
+        self.settings = settings
+        self.liveness_any = settings.liveness == "any_frame"
+        ka.reconfigure(settings.ping_interval, settings.pong_wait, self.clock())
+        self.client.scan.max_frame_size = max_frame_size
+        self._armed = None  # the next ping may now be due earlier
+        self._schedule()
+        return self._take()
+
+    # ------------------------------------------------------------------ frames
+
+    def _control(self, src: Side, f: ControlFrame) -> None:
+        op = f.opcode
+        dst = src.other
+        if op == frames.OP_PONG:
+            ka = src.ka
+            if ka is not None:
+                rtt = ka.on_pong(f.payload, self.clock(), self.fine())
+                if rtt is not None:
+                    self._act(COUNT, src, ("pong", rtt))
+                    return  # the answer to our own Ping: the other side never asked
+        elif op == frames.OP_CLOSE:
+            try:
+                code = frames.parse_close(f.payload)[0]
+            except frames.FrameError as e:
+                self._fail(src, e.code, e.reason)
+                return
+            src.code = code
+            if f.payload and not valid_close_code(code):  # empty: no code (1005), fine
+                self._fail(src, 1002, f"invalid close code {code}")
+                return
+            src.closed = True
+            src.pending = None
+            self._cause(src.name)
+            self._arm_close()
+            if src.told:
+                # The answer to our own Close ends this side at once (nobody else
+                # waits for it); a relayed handshake leaves the upstream its FIN.
+                self._finish(src, now=src.sent is not None)
+                if src.sent is not None:
+                    return
+        if not (dst.told or dst.gone):
+            dst.write(f.raw)
+            if op == frames.OP_CLOSE:
+                dst.told = True
+                dst.pending = None
+                if dst.closed:
+                    self._finish(dst)
+
+    def _boundary(self, dst: Side) -> None:
+        """A frame boundary in the stream toward ``dst``: its waiting Ping goes now."""
+        ping = dst.pending
+        if ping is None:
+            return
+        dst.pending = None
+        if dst.told or dst.gone:
+            return
+        dst.write(ping)
+        self._ping_written(dst)
+
+    # ------------------------------------------------------------------ keep-alive
+
+    def _keepalive(self, side: Side, now: float) -> None:
+        ka = side.ka
+        if ka is None or side.gone:
+            return
+        action = ka.poll(now)
+        if action is TIMEOUT:
+            other = side.other
+            self._cause(
+                "proxy:keepalive_timeout"
+                if side is self.client
+                else "proxy:upstream_keepalive_timeout"
+            )
+            self._act(COUNT, side, ("keepalive_timeout",))
+            # Presumed dead: it hears why, and nobody waits for its reply.
+            self._close(side, 1011, "keepalive timeout")
+            self._finish(side, now=True)
+            self._close(other, other.peer_gone_code, f"{side.name} keepalive timeout")
+            return
+        if action is None:
+            return
+        assert isinstance(action, bytes)
+        ping = side.frame(frames.OP_PING, action)
+        if side.other.scan.at_boundary:
+            side.write(ping)
+            self._ping_written(side)
+        else:
+            side.pending = ping  # mid-frame: it goes at the next frame boundary
+
+    def _ping_written(self, side: Side) -> None:
+        ka = side.ka
+        assert ka is not None
+        ka.written(self.clock(), self.fine())
+        self._act(COUNT, side, ("ping",))
+        self._schedule()  # the next one may be due before the waiting one's deadline
+
+    # ------------------------------------------------------------------ closing
+
+    def _close(self, side: Side, code: int, reason: str) -> None:
+        """Send our Close(code, reason) to ``side``, unless it has had a Close already.
+
+        Injected only at a frame boundary of the stream toward it; mid-frame the side
+        is aborted instead (a Close inside a frame would corrupt the stream).
+        """
+        if side.told or side.gone:
+            return
+        side.pending = None
+        if side.other.scan.at_boundary:
+            side.write(side.frame(frames.OP_CLOSE, frames.close_payload(code, reason)))
+            side.told = True
+            side.sent = code
+            side.reason = reason
+            if side.closed:
+                self._finish(side)
+            else:
+                self._arm_close()
+        else:
+            self._abort(side)
+
+    def _fail(self, side: Side, code: int, reason: str) -> None:
+        """``side`` broke the protocol: Close ``code`` to it and close its TCP
+        connection without waiting (RFC 6455 §7.1.7); the other side is told why."""
+        if side.failed:
+            return
+        side.failed = True
+        side.pending = None
+        self._cause(f"proxy:{side.tag}protocol_error")
+        self._close(side, code, reason)
+        self._finish(side, now=True)
+        other = side.other
+        self._close(other, other.peer_error_code, f"{side.name} protocol error")
+
+    def _finish(self, side: Side, *, now: bool = False) -> None:
+        """This side's part of the close is over: flush what was written to it and
+        close its TCP connection. The upstream, whose server closes the TCP connection
+        first (RFC 6455 §7.1.1), is given ``close_timeout`` for that, unless ``now``
+        (it failed, or is presumed dead)."""
+        if side.gone:
+            return
+        if now or side is self.client:
+            side.done = True
+            self._act(CLOSE, side)
+        self._arm_close()
+
+    def _write_timeout(self, side: Side) -> None:
+        """``side`` did not take our bytes for ``write_wait``: it is not reading, and a
+        Close would sit in the same buffer, so it is aborted."""
+        side.wdl = None
+        self._cause(
+            "proxy:write_timeout" if side is self.client else "proxy:upstream_write_timeout"
+        )
+        self._act(COUNT, side, ("write_timeout",))
+        self._abort(side)
+        other = side.other
+        self.actions_resume(other)
+        self._close(other, other.peer_gone_code, f"{side.name} write timeout")
+
+    def _abort(self, side: Side) -> None:
+        if side.gone:
+            return
+        side.done = True
+        side.pending = None
+        self._act(ABORT, side)
+
+    def _arm_close(self) -> None:
+        if self.close_at is None:
+            self.close_at = self.clock() + self.settings.close_timeout
+            self._schedule()
+
+    def actions_resume(self, side: Side) -> None:
+        """Read ``side`` again if it was held for the other side's full buffer (a gone
+        side holds nothing back: its reply must still be read)."""
+        if not side.lost and (side.other.gone or not side.other.paused):
+            self._act(RESUME, side)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _cause(self, cause: str) -> None:
+        if self.closed_by is None:
+            self.closed_by = cause
+
+    def _act(self, kind: int, side: Side | None, arg: Any = None) -> None:
+        self._actions.append((kind, side, arg))
+
+    def _schedule(self) -> None:
+        when = self.next_wakeup()
+        if when is not None and (self._armed is None or when < self._armed):
+            self._armed = when
+            self._act(TIMER, None, when)
+
+    def _take(self) -> list[Action]:
+        acts = self._actions
+        if not acts:
+            return _NO_ACTIONS
+        self._actions = []
+        return acts
