@@ -329,20 +329,20 @@ class Relay(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The client is not reading as fast as the upstream writes.
-        if self.state is State.RELAY:
-            conn = self.conn
-            assert conn is not None
-            self._run(conn.paused(conn.client))
-        else:
-            self._buffer_full(True)
+        self._write_buffer(True, full=True)
 
     def resume_writing(self) -> None:
-        if self.state is State.RELAY:
-            conn = self.conn
-            assert conn is not None
-            self._run(conn.resumed(conn.client))
+        self._write_buffer(True, full=False)
+
+    def _write_buffer(self, client: bool, *, full: bool) -> None:
+        """The client's (``client``) or the upstream's write buffer filled (``full``)
+        or drained: the core's business after a 101 on a relay route, else ours."""
+        conn = self.conn
+        if self.state is State.RELAY and conn is not None:
+            side = conn.client if client else conn.upstream
+            self._run(conn.paused(side) if full else conn.resumed(side))
         else:
-            self._buffer_drained(True)
+            self._http_buffer(client, full=full)
 
     def _client_reading(self) -> None:
         """Read the client unless something holds it: the upstream's full buffer, a
@@ -1011,32 +1011,27 @@ class Relay(asyncio.Protocol):
     # ------------------------------------------------------------------ write deadlines
     # Before a 101 and in a tunnel (the core has its own after a 101 on a relay route).
 
-    def _buffer_full(self, client: bool) -> None:
-        """The client's (``client``) or the upstream's write buffer is full: hold the
-        other side (backpressure instead of buffering) and start a fresh deadline."""
-        wait = self.config.keepalive.write_wait
-        handle = self.loop.call_later(wait, self._write_timed_out, client)
+    def _http_buffer(self, client: bool, *, full: bool) -> None:
+        """The client's (``client``) or the upstream's write buffer filled (``full``:
+        hold the other side, backpressure instead of buffering, and start a fresh
+        write_wait deadline) or drained (release both)."""
+        handle = None
+        if full:
+            wait = self.config.keepalive.write_wait
+            handle = self.loop.call_later(wait, self._write_timed_out, client)
         if client:
             self._cancel(self._client_wdl)
             self._client_wdl = handle
-            if self.upstream is not None and not self._upstream_lost:
-                self.upstream.pause_reading()
+            up = self.upstream
+            if up is not None and not self._upstream_lost:
+                if full:
+                    up.pause_reading()
+                else:
+                    up.resume_reading()
         else:
             self._cancel(self._upstream_wdl)
             self._upstream_wdl = handle
-            self._up_paused = True
-            self._client_reading()
-
-    def _buffer_drained(self, client: bool) -> None:
-        if client:
-            self._cancel(self._client_wdl)
-            self._client_wdl = None
-            if self.upstream is not None and not self._upstream_lost:
-                self.upstream.resume_reading()
-        else:
-            self._cancel(self._upstream_wdl)
-            self._upstream_wdl = None
-            self._up_paused = False
+            self._up_paused = full
             self._client_reading()
 
     def _write_timed_out(self, client: bool) -> None:
@@ -1111,20 +1106,10 @@ class Relay(asyncio.Protocol):
         self._maybe_finish()
 
     def upstream_paused(self) -> None:
-        if self.state is State.RELAY:
-            conn = self.conn
-            assert conn is not None
-            self._run(conn.paused(conn.upstream))
-        else:
-            self._buffer_full(False)
+        self._write_buffer(False, full=True)
 
     def upstream_resumed(self) -> None:
-        if self.state is State.RELAY:
-            conn = self.conn
-            assert conn is not None
-            self._run(conn.resumed(conn.upstream))
-        else:
-            self._buffer_drained(False)
+        self._write_buffer(False, full=False)
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -1186,42 +1171,42 @@ class Relay(asyncio.Protocol):
         else:
             self._closed_by = cause
 
+    def _client_fact(self, side_attr: str, session_attr: str) -> Any:
+        """A fact about the client side: from the core after a 101 on a relay route,
+        from the events session after one on an events route, else None."""
+        conn, session = self.conn, self.session
+        if conn is not None:
+            return getattr(conn.client, side_attr)
+        return getattr(session, session_attr) if session is not None else None
+
     @property
     def client_code(self) -> int | None:
         """The code of the client's Close (1005: a Close without one), or None."""
-        conn, session = self.conn, self.session
-        if conn is not None:
-            return conn.client.code
-        return session.client_code if session is not None else None
-
-    @property
-    def upstream_code(self) -> int | None:
-        """The code of the upstream's Close, or None."""
-        conn = self.conn
-        return conn.upstream.code if conn is not None else None
+        code: int | None = self._client_fact("code", "client_code")
+        return code
 
     @property
     def proxy_to_client(self) -> int | None:
         """The code of the Close wsproxy itself sent to the client (not one it relayed),
         or None: for an events session, the one it sent as the endpoint."""
-        conn, session = self.conn, self.session
-        if conn is not None:
-            return conn.client.sent
-        return session.sent_code if session is not None else None
-
-    @property
-    def proxy_to_upstream(self) -> int | None:
-        """The code of the Close wsproxy itself sent to the upstream, or None."""
-        conn = self.conn
-        return conn.upstream.sent if conn is not None else None
+        code: int | None = self._client_fact("sent", "sent_code")
+        return code
 
     @property
     def ka(self) -> KeepAlive | None:
         """The keep-alive policy toward the client (a relay's or an events session's)."""
-        conn, session = self.conn, self.session
-        if conn is not None:
-            return conn.client.ka
-        return session.ka if session is not None else None
+        ka: KeepAlive | None = self._client_fact("ka", "ka")
+        return ka
+
+    @property
+    def upstream_code(self) -> int | None:
+        """The code of the upstream's Close, or None."""
+        return self.conn.upstream.code if self.conn is not None else None
+
+    @property
+    def proxy_to_upstream(self) -> int | None:
+        """The code of the Close wsproxy itself sent to the upstream, or None."""
+        return self.conn.upstream.sent if self.conn is not None else None
 
     def traffic(self) -> tuple[int, int, int, int]:
         """Bytes in, bytes out, frames in, frames out (in: from the client). A relay's
