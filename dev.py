@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / "bin"
 STAMP = VENV / ".dev-install-stamp"
-PURE_MODULES = ("frames", "keepalive", "http", "config", "exchange")
+PURE_MODULES = ("frames", "keepalive", "http", "config", "exchange", "connection")
 
 
 def fail(message: str, code: int = 1) -> None:

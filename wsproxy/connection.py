@@ -9,8 +9,9 @@ deadline, EOF and loss), and deadlines as absolute times. The asyncio layer
   :meth:`Connection.lost`, :meth:`Connection.paused` and :meth:`Connection.resumed`
   (a side's write buffer filled or drained: write progress), :meth:`Connection.timer`,
   :meth:`Connection.reconfigure` (reload), :meth:`Connection.shutdown`;
-* actions: writes go straight to each side's ``write`` callable (the relay passes the
-  transport's ``write``, a test a ``list.append``) so that the hot path costs one call;
+* actions: writes go straight to each side's writer (anything with a ``write``
+  method: the relay passes the transport itself, a test a list-like sink) so that the
+  hot path costs one call and an idle connection no bound-method objects;
   everything else comes back as a list of ``(kind, side, argument)`` tuples: close,
   abort, pause or resume reading a side, arm the timer at a loop time, count a metric.
 
@@ -24,7 +25,7 @@ Close rules (RFC 6455 §5.5.1, §7.1.7, §7.4):
 * a framing violation, or a Close with a code that must never be on the wire
   (:func:`valid_close_code`) or a one-byte payload, *fails* that side: Close 1002 (1009
   for a frame over the limit) and its TCP connection closed without awaiting a reply;
-  the other side gets a Close too (:attr:`Side.peer_error_code`), and its reply ends
+  the other side gets a Close too (1011 to the client, 1001 to the upstream), and its reply ends
   the handshake as usual;
 * a side that sent its Close and then half-closed still receives the other side's
   Close and everything before it;
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from wsproxy import frames
 from wsproxy.frames import Boundary, ControlFrame, FrameScanner
@@ -109,15 +110,20 @@ def valid_close_code(code: int) -> bool:
     return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
+class Writer(Protocol):
+    """Where bytes toward a peer go: ``write(data)`` must not block (an asyncio
+    transport buffers, and reports a full buffer through :meth:`Connection.paused`)."""
+
+    def write(self, data: bytes | memoryview, /) -> object: ...
+
+
 class Side:
-    """One peer of a relayed connection, transport-free.
+    """One peer of a relayed connection, transport-free. ``out`` takes the bytes to
+    this peer; ``scan`` reads the bytes from it."""
 
-    ``write`` takes bytes to this peer. ``masked`` is true for the upstream: frames
-    from the client are masked, and the frames wsproxy builds toward the upstream must
-    be (RFC 6455 §5.3, wsproxy being the upstream's client).
-    """
-
+    # Slots: one pair per open connection, tens of thousands at once.
     __slots__ = (
+        "aborted",
         "closed",
         "code",
         "done",
@@ -125,44 +131,22 @@ class Side:
         "failed",
         "ka",
         "lost",
-        "mask_key",
         "name",
         "other",
+        "out",
         "paused",
-        "peer_error_code",
-        "peer_gone_code",
         "pending",
-        "reason",
         "scan",
         "sent",
-        "tag",
         "told",
         "wdl",
-        "write",
     )
 
-    def __init__(
-        self,
-        name: str,
-        write: Callable[[bytes], object],
-        scan: FrameScanner,
-        *,
-        mask_key: Callable[[], bytes] | None,
-        peer_gone_code: int,
-        peer_error_code: int,
-    ) -> None:
+    def __init__(self, name: str, out: Writer, scan: FrameScanner) -> None:
         self.name = name
-        # Prefix of the proxy's close causes about this peer (proxy:upstream_...).
-        self.tag = "" if name == CLIENT else f"{name}_"
-        self.write = write
+        self.out = out
         #: Scans the bytes *from* this peer.
         self.scan = scan
-        # Returns a fresh masking key for frames we build toward this peer (None: unmasked).
-        self.mask_key = mask_key
-        #: Close code sent to this peer when the other peer is gone or timed out.
-        self.peer_gone_code = peer_gone_code
-        #: Close code sent to this peer when the other peer broke the protocol.
-        self.peer_error_code = peer_error_code
         self.other: Side = self
         #: Pings toward this peer, if it is kept alive.
         self.ka: KeepAlive | None = None
@@ -174,7 +158,6 @@ class Side:
         #: A Close went to this peer (relayed, or ours: then ``sent`` is its code).
         self.told = False
         self.sent: int | None = None
-        self.reason = ""
         #: This peer broke the protocol (failed: nothing more is read from it).
         self.failed = False
         #: This peer's write buffer is full; ``wdl`` is its write deadline.
@@ -183,17 +166,13 @@ class Side:
         #: EOF from this peer; its transport is closed or aborted (``done``); it is gone.
         self.eof = False
         self.done = False
+        self.aborted = False
         self.lost = False
 
     @property
     def gone(self) -> bool:
         """Nothing can be written to this peer any more."""
         return self.done or self.lost
-
-    def frame(self, opcode: int, payload: bytes) -> bytes:
-        """A control frame toward this peer, masked if it must be."""
-        key = self.mask_key
-        return frames.build_frame(opcode, payload, mask=key() if key is not None else None)
 
 
 class Connection:
@@ -216,8 +195,10 @@ class Connection:
         "close_at",
         "closed_by",
         "fine",
+        "gone_close_code",
         "life_at",
         "liveness_any",
+        "mask_key",
         "settings",
         "upstream",
     )
@@ -225,8 +206,8 @@ class Connection:
     def __init__(
         self,
         *,
-        to_client: Callable[[bytes], object],
-        to_upstream: Callable[[bytes], object],
+        to_client: Writer,
+        to_upstream: Writer,
         settings: Any,
         max_frame_size: int | None,
         clock: Callable[[], float],
@@ -242,23 +223,14 @@ class Connection:
         self.fine = fine
         self.settings = settings
         self.liveness_any = settings.liveness == "any_frame"
+        # Frames we build toward the upstream are masked (wsproxy is its client).
+        self.mask_key = mask_key
+        self.gone_close_code = gone_close_code
         now = clock()
         self.client = c = Side(
-            CLIENT,
-            to_client,
-            FrameScanner(masked=True, max_frame_size=max_frame_size),
-            mask_key=None,
-            peer_gone_code=gone_close_code,
-            peer_error_code=1011,
+            CLIENT, to_client, FrameScanner(masked=True, max_frame_size=max_frame_size)
         )
-        self.upstream = u = Side(
-            UPSTREAM,
-            to_upstream,
-            FrameScanner(masked=False, max_frame_size=None),
-            mask_key=mask_key,
-            peer_gone_code=1001,
-            peer_error_code=1001,
-        )
+        self.upstream = u = Side(UPSTREAM, to_upstream, FrameScanner(masked=False))
         c.other, u.other = u, c
         c.ka = KeepAlive(
             ping_interval=settings.ping_interval,
@@ -282,7 +254,7 @@ class Connection:
         self.close_at: float | None = None
         self.life_at = None if lifetime is None else now + lifetime
         self._armed: float | None = None
-        self._actions: list[Action] = []
+        self._actions: list[Action] | None = None  # none until there is one
 
     # ------------------------------------------------------------------ queries
 
@@ -308,7 +280,7 @@ class Connection:
             if self.life_at is not None:
                 times.append(self.life_at)
         for side in (self.client, self.upstream):
-            if side.wdl is not None and not side.gone:
+            if side.wdl is not None and not side.lost:
                 times.append(side.wdl)
         if self.close_at is not None:
             times.append(self.close_at)
@@ -332,7 +304,7 @@ class Connection:
         if self.liveness_any and ka is not None and src is self.client:
             ka.on_data(self.clock())
         flowing = not (dst.told or dst.done or dst.lost)
-        write = dst.write
+        write = dst.out.write
         for item in items:
             t = type(item)
             if t is ControlFrame:
@@ -374,7 +346,7 @@ class Connection:
             self.actions_resume(other)
             if not side.closed:
                 # Gone without a Close: tell the other side, politely.
-                self._close(other, other.peer_gone_code, f"{side.name} went away")
+                self._close(other, self._gone_code(other), f"{side.name} went away")
         self._schedule()
         return self._take()
 
@@ -410,7 +382,7 @@ class Connection:
                 self._abort(side)
             return self._take()
         for side in (self.client, self.upstream):
-            if side.wdl is not None and due >= side.wdl and not side.gone:
+            if side.wdl is not None and due >= side.wdl and not side.lost:
                 self._write_timeout(side)
         if not self.closing:
             if self.life_at is not None and due >= self.life_at:
@@ -477,7 +449,7 @@ class Connection:
                 if src.sent is not None:
                     return
         if not (dst.told or dst.gone):
-            dst.write(f.raw)
+            dst.out.write(f.raw)
             if op == frames.OP_CLOSE:
                 dst.told = True
                 dst.pending = None
@@ -486,14 +458,12 @@ class Connection:
 
     def _boundary(self, dst: Side) -> None:
         """A frame boundary in the stream toward ``dst``: its waiting Ping goes now."""
+        # Only ever marked for a waiting Ping, which every close clears.
         ping = dst.pending
-        if ping is None:
-            return
+        assert ping is not None
         dst.pending = None
-        if dst.told or dst.gone:
-            return
-        dst.write(ping)
-        self._ping_written(dst)
+        dst.out.write(ping)
+        self._ping_written(dst, schedule=True)
 
     # ------------------------------------------------------------------ keep-alive
 
@@ -513,24 +483,25 @@ class Connection:
             # Presumed dead: it hears why, and nobody waits for its reply.
             self._close(side, 1011, "keepalive timeout")
             self._finish(side, now=True)
-            self._close(other, other.peer_gone_code, f"{side.name} keepalive timeout")
+            self._close(other, self._gone_code(other), f"{side.name} keepalive timeout")
             return
         if action is None:
             return
         assert isinstance(action, bytes)
-        ping = side.frame(frames.OP_PING, action)
-        if side.other.scan.at_boundary:
-            side.write(ping)
-            self._ping_written(side)
+        ping = self._frame(side, frames.OP_PING, action)
+        if side.other.scan.between_frames:
+            side.out.write(ping)
+            self._ping_written(side, schedule=False)
         else:
             side.pending = ping  # mid-frame: it goes at the next frame boundary
 
-    def _ping_written(self, side: Side) -> None:
+    def _ping_written(self, side: Side, *, schedule: bool) -> None:
         ka = side.ka
         assert ka is not None
         ka.written(self.clock(), self.fine())
         self._act(COUNT, side, ("ping",))
-        self._schedule()  # the next one may be due before the waiting one's deadline
+        if schedule:  # (timer() schedules once at its end)
+            self._schedule()  # the next one may be due before the waiting one's deadline
 
     # ------------------------------------------------------------------ closing
 
@@ -543,11 +514,10 @@ class Connection:
         if side.told or side.gone:
             return
         side.pending = None
-        if side.other.scan.at_boundary:
-            side.write(side.frame(frames.OP_CLOSE, frames.close_payload(code, reason)))
+        if side.other.scan.between_frames:
+            side.out.write(self._frame(side, frames.OP_CLOSE, frames.close_payload(code, reason)))
             side.told = True
             side.sent = code
-            side.reason = reason
             if side.closed:
                 self._finish(side)
             else:
@@ -558,15 +528,13 @@ class Connection:
     def _fail(self, side: Side, code: int, reason: str) -> None:
         """``side`` broke the protocol: Close ``code`` to it and close its TCP
         connection without waiting (RFC 6455 §7.1.7); the other side is told why."""
-        if side.failed:
-            return
         side.failed = True
         side.pending = None
-        self._cause(f"proxy:{side.tag}protocol_error")
+        self._cause(f"proxy:{self._tag(side)}protocol_error")
         self._close(side, code, reason)
         self._finish(side, now=True)
         other = side.other
-        self._close(other, other.peer_error_code, f"{side.name} protocol error")
+        self._close(other, self._error_code(other), f"{side.name} protocol error")
 
     def _finish(self, side: Side, *, now: bool = False) -> None:
         """This side's part of the close is over: flush what was written to it and
@@ -591,12 +559,13 @@ class Connection:
         self._abort(side)
         other = side.other
         self.actions_resume(other)
-        self._close(other, other.peer_gone_code, f"{side.name} write timeout")
+        self._close(other, self._gone_code(other), f"{side.name} write timeout")
 
     def _abort(self, side: Side) -> None:
-        if side.gone:
+        # A side we closed may still be flushing into a full buffer: abort it too.
+        if side.lost or side.aborted:
             return
-        side.done = True
+        side.done = side.aborted = True
         side.pending = None
         self._act(ABORT, side)
 
@@ -613,12 +582,33 @@ class Connection:
 
     # ------------------------------------------------------------------ plumbing
 
+    def _gone_code(self, side: Side) -> int:
+        """The code ``side`` gets when the other side is gone, dead or not reading."""
+        return self.gone_close_code if side is self.client else 1001
+
+    def _error_code(self, side: Side) -> int:
+        """The code ``side`` gets when the other side broke the protocol."""
+        return 1011 if side is self.client else 1001
+
+    def _tag(self, side: Side) -> str:
+        """Prefix of the proxy's close causes about ``side`` (proxy:upstream_...)."""
+        return "" if side is self.client else "upstream_"
+
+    def _frame(self, side: Side, opcode: int, payload: bytes) -> bytes:
+        """A control frame toward ``side``, masked toward the upstream."""
+        mask = self.mask_key() if side is self.upstream else None
+        return frames.build_frame(opcode, payload, mask=mask)
+
     def _cause(self, cause: str) -> None:
         if self.closed_by is None:
             self.closed_by = cause
 
     def _act(self, kind: int, side: Side | None, arg: Any = None) -> None:
-        self._actions.append((kind, side, arg))
+        acts = self._actions
+        if acts is None:
+            self._actions = [(kind, side, arg)]
+        else:
+            acts.append((kind, side, arg))
 
     def _schedule(self) -> None:
         when = self.next_wakeup()
@@ -628,7 +618,7 @@ class Connection:
 
     def _take(self) -> list[Action]:
         acts = self._actions
-        if not acts:
+        if acts is None:
             return _NO_ACTIONS
-        self._actions = []
+        self._actions = None
         return acts

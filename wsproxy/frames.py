@@ -129,7 +129,8 @@ class FrameScanner:
         # nothing is held, which lets feed() take its fast path on a single comparison.
         self._remaining = 0
         # Bytes of an incomplete frame header, or of an incomplete control frame.
-        self._held = bytearray()
+        # (Immutable: the empty one is shared, so an idle scanner holds no buffer.)
+        self._held = b""
         # Total size of the control frame being held, once its header is complete;
         # 0 while the header itself is incomplete.
         self._need = 0
@@ -145,6 +146,13 @@ class FrameScanner:
         returned end just before the bad frame, which is a frame boundary.
         """
         return not self._remaining and not self._held
+
+    @property
+    def between_frames(self) -> bool:
+        """Whether a frame can be injected after the bytes returned so far: no part of
+        a data frame is out without the rest. Unlike :attr:`at_boundary` this holds
+        while the scanner holds the start of the next frame (none of it returned)."""
+        return not self._remaining
 
     def feed(self, data: bytes, *, mark_boundary: bool = False) -> list[Item]:
         """Scan ``data``, the next bytes of the stream, and return what to forward.
@@ -242,7 +250,7 @@ class FrameScanner:
         except FrameError as exc:
             # The bad frame starts at i; everything before it is valid.
             self.error = exc
-            self._held.clear()
+            self._held = b""
             self._remaining = 0
             self._need = 0
             if run >= 0:
@@ -268,12 +276,12 @@ class FrameScanner:
             head = bytes(held) + data[: 14 - have]
             h = self._header(head, 0, len(head))
             if not h:
-                held += data
+                self._held = held + data
                 return n, b""
             i = h - have
             plen = self._plen
             if not head[0] & 0x08:
-                held.clear()
+                self._held = b""
                 if plen:
                     self._remaining = plen
                 else:
@@ -286,11 +294,10 @@ class FrameScanner:
         # A control frame whose header is complete: wait for its payload.
         take = need - len(held)
         if take > n - i:
-            held += data[i:]
+            self._held = held + data[i:]
             return n, b""
-        held += data[i : i + take]
-        raw = bytes(held)
-        held.clear()
+        raw = held + data[i : i + take]
+        self._held = b""
         self._need = 0
         items.append(self._control(raw, len(raw) - self._plen))
         return i + take, b""

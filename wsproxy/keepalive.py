@@ -43,6 +43,8 @@ PING_PREFIX: Final = b"wsproxy:"
 #: same path (a chain of proxies) never mistakes our Pongs for its own.
 NONCE: Final = os.urandom(8)
 
+_OWN_PREFIX: Final = PING_PREFIX + NONCE
+
 # Prefix, nonce and an 8-byte big-endian sequence number.
 _PING_SIZE: Final = len(PING_PREFIX) + 16
 
@@ -96,6 +98,26 @@ class KeepAlive:
     toward the peer.
     """
 
+    # Slots: one per open connection, tens of thousands at once.
+    __slots__ = (
+        "_alive_at",
+        "_left_at_due",
+        "_prefix",
+        "_progress_at",
+        "_sent",
+        "_seq",
+        "deadline",
+        "last_pong_at",
+        "last_rtt",
+        "next_ping_at",
+        "ping_interval",
+        "pings_sent",
+        "pong_wait",
+        "pongs_received",
+        "slack",
+        "waiting",
+    )
+
     def __init__(
         self,
         *,
@@ -134,13 +156,13 @@ class KeepAlive:
         self.last_pong_at: float | None = None
         #: The payload of a Ping that is due but not yet written, if any.
         self.waiting: bytes | None = None
-        self._prefix = PING_PREFIX + nonce
+        self._prefix = _OWN_PREFIX if nonce == NONCE else PING_PREFIX + nonce
         self._seq = 0
         # Last write progress while a Ping waits (when it fell due, at first).
         self._progress_at = now
         # Time the peer had left to answer when the waiting Ping fell due.
         self._left_at_due = 0.0
-        # Last sign of life (start, Pong, our Ping written, or data with any_frame).
+        # Last sign of life (start, any Pong, or data with any_frame).
         self._alive_at = now
         # Sequence number -> ``fine`` time at which that Ping was written, oldest first.
         self._sent: dict[int, float] = {}
@@ -195,6 +217,12 @@ class KeepAlive:
         if len(sent) > _RECENT_PINGS:
             del sent[next(iter(sent))]
         self.deadline = max(self.deadline, now + self._left_at_due)
+        # After a long wait the next Ping is not due at once: same cadence, the
+        # intervals that passed meanwhile skipped.
+        nxt = self.next_ping_at
+        if nxt <= now:
+            interval = self.ping_interval
+            self.next_ping_at = nxt + (math.floor((now - nxt) / interval) + 1) * interval
 
     def on_pong(self, payload: bytes, now: float, fine: float) -> float | None:
         """Record a Pong from the peer; return its RTT (seconds, ``fine`` clock) if it

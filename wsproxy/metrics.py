@@ -56,7 +56,24 @@ PASSTHROUGH = "passthrough"
 CONNECT_ERROR_REASONS = ("refused", "timeout", "tls", "bad_response", "closed")
 DIRECTIONS = ("in", "out")
 
-_RTT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_RTT_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 _DURATION_BUCKETS = (
     1.0,
     10.0,

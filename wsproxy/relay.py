@@ -33,6 +33,7 @@ import os
 import random
 import ssl
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from wsproxy import http
@@ -74,6 +75,7 @@ _rng = random.Random()
 # shared, never-fed ones, so that an idle relay does not keep two of its own.
 _SPENT_REQUESTS = RequestStream(0)
 _SPENT_RESPONSES = ResponseStream(0)
+_SPENT_HELD = bytearray()
 
 #: A connection over a limit at accept is read this long at most (for its head), then
 #: answered 429/503: answering before the request arrives risks a reset that loses it.
@@ -706,6 +708,7 @@ class Relay(asyncio.Protocol):
         spent ones."""
         held = self.reqs.take_pending()
         self.reqs, self.resps = _SPENT_REQUESTS, _SPENT_RESPONSES
+        self._held = _SPENT_HELD  # empty: only a connect in progress holds bytes
         return held
 
     def _abort_upstream(self) -> None:
@@ -843,11 +846,11 @@ class Relay(asyncio.Protocol):
             life = settings.max_lifetime + _rng.uniform(0.0, settings.max_lifetime_jitter)
         uk = self.config.upstream.keepalive
         self.conn = conn = Connection(
-            to_client=cl.write,
-            to_upstream=up.write,
+            to_client=cl,
+            to_upstream=up,
             settings=settings,
             max_frame_size=live.limits.max_frame_size,
-            clock=self.loop.time,
+            clock=_loop_clock(self.loop),
             fine=time.perf_counter,
             mask_key=_mask_key,
             gone_close_code=self.config.upstream.gone_close_code,
@@ -1286,6 +1289,17 @@ class Relay(asyncio.Protocol):
 
 def _ms(seconds: float | None) -> float | None:
     return round(seconds * 1000, 3) if seconds is not None else None
+
+
+_clock: tuple[object, Callable[[], float]] | None = None
+
+
+def _loop_clock(loop: asyncio.AbstractEventLoop) -> Callable[[], float]:
+    """``loop.time``, one bound method per loop rather than one per connection."""
+    global _clock
+    if _clock is None or _clock[0] is not loop:
+        _clock = (loop, loop.time)
+    return _clock[1]
 
 
 def _mask_key() -> bytes:

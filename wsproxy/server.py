@@ -408,8 +408,8 @@ class Proxy:
     def reload(self, new: Config) -> list[str]:
         """Apply a re-read configuration; returns the keys that need a restart.
 
-        New connections use ``new`` at once; open relays pick up their keep-alive
-        settings at their next timer (see ``Relay._reconfigure``).
+        New connections use ``new`` at once; open relays take its keep-alive settings
+        and frame limit at once (``Relay.reconfigure``).
         """
         old = self.config
         ignored = [

@@ -683,7 +683,7 @@ async def test_proxy_close_sends_1001_and_counts_every_connection_once(
     by_client = [f for f in closes if f["closed_by"] == "client"]
     by_proxy = [f for f in closes if f["closed_by"] == "proxy:shutdown"]
     assert len(by_client) == 1 and by_client[0]["client_code"] == 1000
-    assert len(by_proxy) == 1 and by_proxy[0]["proxy_code"] == 1001
+    assert len(by_proxy) == 1 and by_proxy[0]["proxy_to_client"] == 1001
     assert not [f for f in closes if "upstream_code" in f], "an events route has no upstream"
     assert all(f["route"] == EVENTS for f in closes)
 

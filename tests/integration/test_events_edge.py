@@ -326,7 +326,7 @@ async def test_session_is_closed_with_1008_when_its_token_expires(jwt_edge, publ
     closes = close_records(caplog)
     assert sorted(c["closed_by"] for c in closes) == ["client", "proxy:token_expired"]
     expired = next(c for c in closes if c["closed_by"] == "proxy:token_expired")
-    assert expired["proxy_code"] == 1008
+    assert expired["proxy_to_client"] == 1008
 
 
 @pytest.mark.parametrize(

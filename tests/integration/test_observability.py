@@ -177,7 +177,7 @@ async def test_events_route_counts_its_frames_and_has_no_upstream_fields(
     assert close["pings"] == 0
     assert (close["frames_in"], close["frames_out"]) == (5, 7), close
     assert "upstream_code" not in close, close
-    assert (close["client_code"], close["proxy_code"]) == (1000, 1000)
+    assert (close["client_code"], close["proxy_to_client"]) == (1000, 1000)
 
     samples = await scrape(p)
     assert frames_total(samples) == (5, 7)
@@ -186,7 +186,7 @@ async def test_events_route_counts_its_frames_and_has_no_upstream_fields(
         for (name, labels), n in samples.items()
         if name == "wsproxy_close_codes_total" and dict(labels)["route"] == EVENTS and n
     }
-    assert codes == {"client": "1000", "proxy": "1000"}
+    assert codes == {"client": "1000", "proxy_to_client": "1000"}
 
 
 # --------------------------------------------------------------------------- item 7

@@ -603,3 +603,15 @@ def test_boundary_sentinel_is_a_single_recognisable_object() -> None:
     assert repr(BOUNDARY) == "BOUNDARY"
     assert type(BOUNDARY) is Boundary
     assert Boundary("BOUNDARY") is BOUNDARY
+
+
+def test_between_frames_holds_while_only_the_next_frames_start_is_held() -> None:
+    """A frame may be injected after a complete frame even when the first bytes of the
+    next one are already held (none of them went out), but not inside a payload."""
+    scan = FrameScanner(masked=False)
+    text = build_frame(OP_TEXT, b"hello")
+    items = scan.feed(text + text[:1])
+    assert b"".join(bytes(i) for i in items if isinstance(i, (bytes, memoryview))) == text
+    assert not scan.at_boundary and scan.between_frames
+    scan.feed(text[1:3])  # the header and part of the payload are out now
+    assert not scan.between_frames

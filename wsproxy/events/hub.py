@@ -32,14 +32,12 @@ from wsproxy import frames
 from wsproxy.events import topics
 from wsproxy.events.auth import AuthError, Authorizer
 from wsproxy.events.session import Session
-from wsproxy.keepalive import KeepAlive, first_ping_delay
 from wsproxy.logs import FIELDS
-from wsproxy.relay import TIMER_SLACK
 
 if TYPE_CHECKING:
+    from wsproxy.host import Host
     from wsproxy.http import RequestHead
     from wsproxy.relay import Relay
-    from wsproxy.server import Proxy
 
 log = logging.getLogger("wsproxy.events")
 
@@ -67,7 +65,7 @@ DROP_REASONS = (
 class EventsHub:
     """Serves every ``mode: events`` route of one :class:`~wsproxy.server.Proxy`."""
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Host[Relay]) -> None:
         config = proxy.config
         assert config.zmq is not None and config.events is not None  # checked at load
         self.proxy = proxy
@@ -162,7 +160,7 @@ class EventsHub:
                 grant = self.authorizer.authenticate(req)
             except AuthError as exc:
                 if exc.status == 401:
-                    relay._reject(401, str(exc), [("WWW-Authenticate", "Bearer")])
+                    relay.reject(401, str(exc), [("WWW-Authenticate", "Bearer")])
                 else:
                     # Says which origin to add to events.allowed_origins, if it is ours.
                     origin = req.get("origin")
@@ -176,11 +174,11 @@ class EventsHub:
                             }
                         },
                     )
-                    relay._reject(exc.status, str(exc))
+                    relay.reject(exc.status, str(exc))
                 return
             allowed = grant.prefixes
             expires = grant.expires
-        config = relay.config  # the connection's snapshot (routes and keep-alive agree)
+        config = relay.config
         # events.max_message_bytes, not limits.max_frame_size: a subscription request
         # is small, and what a client sends here is parsed (JSON) and handed to libzmq.
         # websockets counts a fragmented message whole (Close 1009 beyond it).
@@ -188,7 +186,7 @@ class EventsHub:
         proto.receive_data(req.raw)
         request = next(iter(proto.events_received()), None)
         if not isinstance(request, Request):
-            relay._reject(400, "invalid WebSocket handshake")
+            relay.reject(400, "invalid WebSocket handshake")
             return
         response = proto.accept(request)
         if response.status_code != 101:
@@ -196,35 +194,21 @@ class EventsHub:
                 (k, v) for k, v in response.headers.raw_items() if k == "Sec-WebSocket-Version"
             ]
             message = bytes(response.body).decode("utf-8", "replace").strip()
-            relay._reject(response.status_code, message, extra)
+            relay.reject(response.status_code, message, extra)
             return
         proto.send_response(response)
         transport = relay.client
         assert transport is not None and relay.route is not None
-        relay.status = 101
-        for chunk in proto.data_to_send():
-            relay.bytes_out += len(chunk)
-            transport.write(chunk)
+        # The connection's snapshot: its routes and keep-alive settings agree.
         settings = config.keepalive_for(relay.route)
-        ka = KeepAlive(
-            ping_interval=settings.ping_interval,
-            pong_wait=settings.pong_wait,
-            now=relay.loop.time(),
-            first_ping_delay=first_ping_delay(settings.ping_interval),
-            slack=TIMER_SLACK,
-        )
-        relay.ka = ka  # the admin view and the close log read it from the relay
-        relay.settings = settings
-        # relay.client is already cast (uvloop transports are not asyncio.Transport).
-        session = Session(self, relay, transport, proto, settings, ka, allowed)
+        session = Session(self, relay, transport, proto, settings, allowed)
         if expires is not None:
             # exp is wall-clock time; the loop's clock is monotonic: convert once.
             session.expire_at(relay.loop.time() + (expires - time.time()))
         self.sessions[relay] = session
-        transport.set_protocol(session)
-        self.proxy.connection_accepted(relay, tunnel=False)
-        if held:
-            session.data_received(held)
+        # Writes the 101, reports the connection accepted (relay.attach), takes the
+        # transport over and handles the bytes that came with the request.
+        session.start(held)
 
     def shutdown(self, relay: Relay, code: int, reason: str) -> None:
         session = self.sessions.get(relay)
