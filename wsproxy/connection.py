@@ -163,9 +163,9 @@ class Side:
         #: This peer's write buffer is full; ``wdl`` is its write deadline.
         self.paused = False
         self.wdl: float | None = None
-        #: EOF from this peer; its transport is closed or aborted (``done``); it is gone.
-        self.eof = False
+        #: Its transport is closed or aborted by us (``done``); it is gone (``lost``).
         self.done = False
+        self.eof = False
         self.aborted = False
         self.lost = False
 
@@ -387,7 +387,8 @@ class Connection:
         if not self.closing:
             if self.life_at is not None and due >= self.life_at:
                 self._cause("proxy:max_lifetime")
-                self.shutdown(1001, "going away")
+                for side in (self.client, self.upstream):
+                    self._close(side, 1001, "going away")
             else:
                 for side in (self.client, self.upstream):
                     self._keepalive(side, now)
@@ -543,7 +544,7 @@ class Connection:
         (it failed, or is presumed dead)."""
         if side.gone:
             return
-        if now or side is self.client:
+        if now or side is self.client or side.eof:
             side.done = True
             self._act(CLOSE, side)
         self._arm_close()
@@ -567,6 +568,7 @@ class Connection:
             return
         side.done = side.aborted = True
         side.pending = None
+        side.wdl = None
         self._act(ABORT, side)
 
     def _arm_close(self) -> None:

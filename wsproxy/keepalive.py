@@ -164,8 +164,10 @@ class KeepAlive:
         self._left_at_due = 0.0
         # Last sign of life (start, any Pong, or data with any_frame).
         self._alive_at = now
-        # Sequence number -> ``fine`` time at which that Ping was written, oldest first.
-        self._sent: dict[int, float] = {}
+        # Outstanding Pings, oldest first, flat: (seq, fine time written, seq, ...). A
+        # tuple, not a dict: usually one Ping is outstanding, and an idle connection
+        # shares the empty tuple (a dict would cost 64 to 224 bytes per connection).
+        self._sent: tuple[int | float, ...] = ()
 
     def next_wakeup(self) -> float:
         """Return when :meth:`poll` next has something to do."""
@@ -212,10 +214,8 @@ class KeepAlive:
             return
         self.waiting = None
         self.pings_sent += 1
-        sent = self._sent
-        sent[int.from_bytes(payload[16:], "big")] = fine
-        if len(sent) > _RECENT_PINGS:
-            del sent[next(iter(sent))]
+        sent = (*self._sent, int.from_bytes(payload[16:], "big"), fine)
+        self._sent = sent[2:] if len(sent) > 2 * _RECENT_PINGS else sent
         self.deadline = max(self.deadline, now + self._left_at_due)
         # After a long wait the next Ping is not due at once: same cadence, the
         # intervals that passed meanwhile skipped.
@@ -235,9 +235,15 @@ class KeepAlive:
         self._alive(now)
         if len(payload) != _PING_SIZE or payload[:16] != self._prefix:
             return None
-        sent_at = self._sent.pop(int.from_bytes(payload[16:], "big"), None)
-        if sent_at is None:
+        seq = int.from_bytes(payload[16:], "big")
+        sent = self._sent
+        for i in range(0, len(sent), 2):  # at most _RECENT_PINGS
+            if sent[i] == seq:
+                break
+        else:
             return None
+        sent_at = sent[i + 1]
+        self._sent = sent[:i] + sent[i + 2 :]
         self.pongs_received += 1
         rtt = max(0.0, fine - sent_at)
         self.last_rtt = rtt

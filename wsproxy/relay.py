@@ -60,7 +60,7 @@ from wsproxy.keepalive import KeepAlive, first_ping_delay
 from wsproxy.logs import FIELDS
 
 if TYPE_CHECKING:
-    from wsproxy.config import KeepaliveSettings, Route
+    from wsproxy.config import Route
     from wsproxy.host import EventsSession, Host
 
 log = logging.getLogger("wsproxy")
@@ -76,6 +76,7 @@ _rng = random.Random()
 _SPENT_REQUESTS = RequestStream(0)
 _SPENT_RESPONSES = ResponseStream(0)
 _SPENT_HELD = bytearray()
+_NO_MARK = (0, 0)
 
 #: A connection over a limit at accept is read this long at most (for its head), then
 #: answered 429/503: answering before the request arrives risks a reset that loses it.
@@ -188,7 +189,6 @@ class Relay(asyncio.Protocol):
         "resps",
         "route",
         "session",
-        "settings",
         "started",
         "state",
         "status",
@@ -234,7 +234,6 @@ class Relay(asyncio.Protocol):
         # After a 101 on a relay route: the connection core, and its one timer.
         self.conn: Connection | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self.settings: KeepaliveSettings | None = None
         self._ka_config = config  # the configuration `settings` came from
         self.session: EventsSession | None = None  # after a 101 on an events route
         # Write deadlines before a 101 and in tunnels (the core keeps its own).
@@ -709,6 +708,7 @@ class Relay(asyncio.Protocol):
         held = self.reqs.take_pending()
         self.reqs, self.resps = _SPENT_REQUESTS, _SPENT_RESPONSES
         self._held = _SPENT_HELD  # empty: only a connect in progress holds bytes
+        self._mark = _NO_MARK
         return held
 
     def _abort_upstream(self) -> None:
@@ -839,7 +839,7 @@ class Relay(asyncio.Protocol):
         route = live.route_for(self.route.path)
         if route is None or route.mode != "relay":
             live, route = self.config, self.route
-        self.settings = settings = live.keepalive_for(route)
+        settings = live.keepalive_for(route)
         self._ka_config = live
         life = None
         if settings.max_lifetime is not None:
@@ -972,7 +972,7 @@ class Relay(asyncio.Protocol):
         route = config.route_for(self.route.path)
         if route is None or route.mode != "relay":
             return  # the route is gone: the connection keeps the settings it had
-        self.settings = settings = config.keepalive_for(route)
+        settings = config.keepalive_for(route)
         self._run(self.conn.reconfigure(settings, config.limits.max_frame_size))
 
     # ------------------------------------------------------------------ closing
