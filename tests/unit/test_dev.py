@@ -105,6 +105,7 @@ def test_full_gate_runs_chart_checks_lints_and_every_test_once(project: Project)
         "--cov=wsproxy.http",
         "--cov=wsproxy.config",
         "--cov=wsproxy.exchange",
+        "--cov=wsproxy.connection",
     }
     # ... then the whole suite (pytest's testpaths) except tests/unit: each test once.
     assert rest == ["--ignore=tests/unit"]
