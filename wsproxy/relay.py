@@ -269,11 +269,7 @@ class Relay(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         state = self.state
         if state is State.RELAY:
-            conn = self.conn
-            assert conn is not None
-            acts = conn.data(conn.client, data)
-            if acts:
-                self._run(acts)
+            self._frames(True, data)
         elif state is State.TUNNEL:
             self.bytes_in += len(data)
             if self.upstream is not None:
@@ -875,6 +871,15 @@ class Relay(asyncio.Protocol):
             self._run(conn.data(conn.client, held))
         self._client_reading()
 
+    def _frames(self, client: bool, data: bytes) -> None:
+        """Bytes from the client (``client``) or the upstream after a 101 on a relay
+        route: the core relays them."""
+        conn = self.conn
+        assert conn is not None
+        acts = conn.data(conn.client if client else conn.upstream, data)
+        if acts:
+            self._run(acts)
+
     def _run(self, acts: list[Action]) -> None:
         """Carry out the core's actions (writes went out already, in order)."""
         conn = self.conn
@@ -908,35 +913,12 @@ class Relay(asyncio.Protocol):
             self._maybe_finish()
 
     def _count(self, client: bool, what: tuple[Any, ...]) -> None:
-        """A metric event of the core, for the client (``client``) or the upstream."""
-        kind = what[0]
-        proxy = self.proxy
-        if kind == "write_timeout":
-            proxy.write_timeout(self, "client" if client else "upstream")
-        elif kind == "keepalive_timeout":
-            if client:
-                proxy.keepalive_timeout(self)
-            else:
-                proxy.upstream_keepalive_timeout(self)
-        elif client:  # pings and Pongs toward the upstream have no metrics
-            if kind == "ping":
-                proxy.ping_sent(self)
-            else:
-                proxy.pong_received(self, what[1])
-            if ka_log.isEnabledFor(logging.DEBUG):
-                fields: dict[str, Any] = {"id": self.id}
-                if kind == "pong":
-                    fields["rtt_ms"] = round(what[1] * 1000, 3)
-                ka_log.debug(kind, extra={FIELDS: fields})
+        count_core_event(self.proxy, self, client, what)
 
     def upstream_data(self, data: bytes) -> None:
         state = self.state
         if state is State.RELAY:
-            conn = self.conn
-            assert conn is not None
-            acts = conn.data(conn.upstream, data)
-            if acts:
-                self._run(acts)
+            self._frames(False, data)
         elif state is State.TUNNEL:
             self.bytes_out += len(data)
             assert self.client is not None
@@ -1185,21 +1167,18 @@ class Relay(asyncio.Protocol):
     @property
     def client_code(self) -> int | None:
         """The code of the client's Close (1005: a Close without one), or None."""
-        code: int | None = self._client_fact("code", "client_code")
-        return code
+        return cast("int | None", self._client_fact("code", "client_code"))
 
     @property
     def proxy_to_client(self) -> int | None:
         """The code of the Close wsproxy itself sent to the client (not one it relayed),
         or None: for an events session, the one it sent as the endpoint."""
-        code: int | None = self._client_fact("sent", "sent_code")
-        return code
+        return cast("int | None", self._client_fact("sent", "sent_code"))
 
     @property
     def ka(self) -> KeepAlive | None:
         """The keep-alive policy toward the client (a relay's or an events session's)."""
-        ka: KeepAlive | None = self._client_fact("ka", "ka")
-        return ka
+        return cast("KeepAlive | None", self._client_fact("ka", "ka"))
 
     @property
     def upstream_code(self) -> int | None:
@@ -1285,6 +1264,30 @@ class Relay(asyncio.Protocol):
             rtt_ms=_ms(ka.last_rtt) if ka is not None else None,
         )
         return fields
+
+
+def count_core_event(proxy: Host[Relay], relay: Relay, client: bool, what: tuple[Any, ...]) -> None:
+    """Report a COUNT action of the connection core (``what``: ``("ping",)``,
+    ``("pong", rtt_seconds)``, ``("keepalive_timeout",)`` or ``("write_timeout",)``)
+    for the client side (``client``) or the upstream side of ``relay``."""
+    kind = what[0]
+    if kind == "write_timeout":
+        proxy.write_timeout(relay, "client" if client else "upstream")
+    elif kind == "keepalive_timeout":
+        if client:
+            proxy.keepalive_timeout(relay)
+        else:
+            proxy.upstream_keepalive_timeout(relay)
+    elif client:  # pings and Pongs toward the upstream have no metrics
+        if kind == "ping":
+            proxy.ping_sent(relay)
+        else:
+            proxy.pong_received(relay, what[1])
+        if ka_log.isEnabledFor(logging.DEBUG):
+            fields: dict[str, Any] = {"id": relay.id}
+            if kind == "pong":
+                fields["rtt_ms"] = round(what[1] * 1000, 3)
+            ka_log.debug(kind, extra={FIELDS: fields})
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -54,6 +54,7 @@ from wsproxy.connection import ABORT, CLOSE, COUNT, PAUSE, RESUME, TIMER, Action
 from wsproxy.events import topics
 from wsproxy.keepalive import first_ping_delay
 from wsproxy.logs import FIELDS
+from wsproxy.relay import count_core_event
 
 if TYPE_CHECKING:
     from wsproxy.config import KeepaliveSettings
@@ -62,7 +63,6 @@ if TYPE_CHECKING:
     from wsproxy.relay import Relay
 
 log = logging.getLogger("wsproxy.events")
-ka_log = logging.getLogger("wsproxy.keepalive")
 
 # Close codes (RFC 6455 7.4.1 and IANA registry).
 UNSUPPORTED_DATA = 1003
@@ -364,27 +364,8 @@ class Session(asyncio.Protocol):
         self._pump()
 
     def _count(self, client: bool, what: tuple[Any, ...]) -> None:
-        """A metric event of the core (the endpoint's side never has one: it is not
-        kept alive and its writes never stall)."""
-        if not client:  # pragma: no cover
-            return
-        kind = what[0]
-        relay = self.relay
-        proxy = self.hub.proxy
-        if kind == "write_timeout":
-            proxy.write_timeout(relay, "client")
-        elif kind == "keepalive_timeout":
-            proxy.keepalive_timeout(relay)
-        else:
-            if kind == "ping":
-                proxy.ping_sent(relay)
-            else:
-                proxy.pong_received(relay, what[1])
-            if ka_log.isEnabledFor(logging.DEBUG):
-                fields: dict[str, Any] = {"id": relay.id}
-                if kind == "pong":
-                    fields["rtt_ms"] = round(what[1] * 1000, 3)
-                ka_log.debug(kind, extra={FIELDS: fields})
+        # (The endpoint's side is never kept alive and its writes never stall.)
+        count_core_event(self.hub.proxy, self.relay, client, what)
 
     # ------------------------------------------------------------------ events out
 
