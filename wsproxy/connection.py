@@ -97,6 +97,10 @@ _GRID_FRACTION: Final = 0.02
 _NO_ACTIONS: Final[list[Action]] = []
 
 
+def _buffered(out: Writer) -> int:
+    return out.get_write_buffer_size()
+
+
 def grid(when: float, interval: float) -> float:
     """``when`` rounded up to the keep-alive grid for pings every ``interval``."""
     step = min(TIMER_GRID, interval * _GRID_FRACTION)
@@ -112,9 +116,12 @@ def valid_close_code(code: int) -> bool:
 
 class Writer(Protocol):
     """Where bytes toward a peer go: ``write(data)`` must not block (an asyncio
-    transport buffers, and reports a full buffer through :meth:`Connection.paused`)."""
+    transport buffers, and reports a full buffer through :meth:`Connection.paused`);
+    ``get_write_buffer_size()`` is how many bytes wait in that buffer."""
 
     def write(self, data: bytes | memoryview, /) -> object: ...
+
+    def get_write_buffer_size(self) -> int: ...
 
 
 class Side:
@@ -124,6 +131,7 @@ class Side:
     # Slots: one pair per open connection, tens of thousands at once.
     __slots__ = (
         "aborted",
+        "backlog",
         "closed",
         "code",
         "done",
@@ -163,6 +171,8 @@ class Side:
         #: This peer's write buffer is full; ``wdl`` is its write deadline.
         self.paused = False
         self.wdl: float | None = None
+        #: Bytes queued toward this peer at the last look (-1: none yet; _progress).
+        self.backlog = -1
         #: Its transport is closed or aborted by us (``done``); it is gone (``lost``).
         self.done = False
         self.eof = False
@@ -199,6 +209,7 @@ class Connection:
         "life_at",
         "liveness_any",
         "mask_key",
+        "queued",
         "settings",
         "upstream",
     )
@@ -218,8 +229,11 @@ class Connection:
         upstream_ka: tuple[float, float] | None = None,
         first_upstream_ping: float = 0.0,
         lifetime: float | None = None,
+        queued: Callable[[Writer], int] = _buffered,
     ) -> None:
         self.clock = clock
+        #: Bytes waiting toward a peer, not yet taken by its socket.
+        self.queued = queued
         self.fine = fine
         self.settings = settings
         self.liveness_any = settings.liveness == "any_frame"
@@ -352,9 +366,11 @@ class Connection:
 
     def paused(self, side: Side) -> list[Action]:
         """``side``'s write buffer is full: stop reading the other side (backpressure
-        instead of buffering) and start a fresh write deadline."""
+        instead of buffering) and start a fresh write deadline: unless the buffer
+        shrinks in every ``write_wait`` (bytes accepted by the socket), the side is cut."""
         side.paused = True
         side.wdl = self.clock() + self.settings.write_wait
+        self._progress(side)  # the baseline
         other = side.other
         if not other.lost:
             self._act(PAUSE, other)
@@ -365,6 +381,7 @@ class Connection:
         """``side``'s write buffer drained: write progress."""
         side.paused = False
         side.wdl = None
+        side.backlog = -1
         ka = side.ka
         if ka is not None and ka.waiting is not None:
             ka.progress(self.clock())
@@ -383,7 +400,12 @@ class Connection:
             return self._take()
         for side in (self.client, self.upstream):
             if side.wdl is not None and due >= side.wdl and not side.lost:
-                self._write_timeout(side)
+                if self._progress(side):
+                    # Still full, but its socket took bytes since: a slow reader, not
+                    # a stalled one. Every write_wait must see some progress.
+                    side.wdl = now + self.settings.write_wait
+                else:
+                    self._write_timeout(side)
         if not self.closing:
             if self.life_at is not None and due >= self.life_at:
                 self._cause("proxy:max_lifetime")
@@ -405,10 +427,19 @@ class Connection:
         self._schedule()
         return self._take()
 
-    def reconfigure(self, settings: Any, max_frame_size: int | None) -> list[Action]:
-        """Take reloaded keep-alive settings and the client frame limit (SIGHUP)."""
+    def reconfigure(
+        self, settings: Any, max_frame_size: int | None, lifetime: float | None = None
+    ) -> list[Action]:
+        """Take reloaded keep-alive settings and the client frame limit (SIGHUP).
+
+        When ``max_lifetime`` changed, the connection's lifetime becomes ``lifetime``
+        (seconds, jittered by the caller) counted from now, or none: counting from the
+        reload rather than from the 101 keeps a reload from closing every connection
+        older than the new limit at the same moment."""
         ka = self.client.ka
         assert ka is not None
+        if settings.max_lifetime != self.settings.max_lifetime:
+            self.life_at = None if lifetime is None else self.clock() + lifetime
         self.settings = settings
         self.liveness_any = settings.liveness == "any_frame"
         ka.reconfigure(settings.ping_interval, settings.pong_wait, self.clock())
@@ -425,6 +456,7 @@ class Connection:
         if op == frames.OP_PONG:
             ka = src.ka
             if ka is not None:
+                src.backlog = -1  # alive by its Pong: a later look starts afresh
                 rtt = ka.on_pong(f.payload, self.clock(), self.fine())
                 if rtt is not None:
                     self._act(COUNT, src, ("pong", rtt))
@@ -433,6 +465,7 @@ class Connection:
             try:
                 code = frames.parse_close(f.payload)[0]
             except frames.FrameError as e:
+                src.code = f.payload[0]  # a one-byte payload: recorded as sent (invalid)
                 self._fail(src, e.code, e.reason)
                 return
             src.code = code
@@ -472,6 +505,16 @@ class Connection:
         ka = side.ka
         if ka is None or side.gone:
             return
+        if side.other.paused:
+            # We hold this side unread (the other side's buffer is full): its Pongs
+            # wait in the socket, so it cannot be judged now; the other side's
+            # write_wait bounds the hold.
+            ka.on_data(now)
+        elif ka.expired(now) and self._progress(side):
+            # No Pong in time, but its socket kept taking our bytes: our Ping sits
+            # behind data it is still reading (kernel buffers hold megabytes). A
+            # reading peer is alive.
+            ka.on_data(now)
         action = ka.poll(now)
         if action is TIMEOUT:
             other = side.other
@@ -515,7 +558,9 @@ class Connection:
         if side.told or side.gone:
             return
         side.pending = None
-        if side.other.scan.between_frames:
+        # After the other side failed nothing more of its stream is relayed: the
+        # stream toward this side ends just before the bad frame, a boundary.
+        if side.other.scan.between_frames or side.other.failed:
             side.out.write(self._frame(side, frames.OP_CLOSE, frames.close_payload(code, reason)))
             side.told = True
             side.sent = code
@@ -583,6 +628,15 @@ class Connection:
             self._act(RESUME, side)
 
     # ------------------------------------------------------------------ plumbing
+
+    def _progress(self, side: Side) -> bool:
+        """Whether ``side``'s socket took bytes since the last look (write progress):
+        what is queued toward it (``queued``: the transport's buffer and, in the relay,
+        the kernel's send queue) went down. At a first look, anything queued counts:
+        our Ping may sit behind it. Looked at only at deadlines, never per write."""
+        queued = self.queued(side.out)
+        last, side.backlog = side.backlog, queued
+        return queued < last if last >= 0 else queued > 0
 
     def _gone_code(self, side: Side) -> int:
         """The code ``side`` gets when the other side is gone, dead or not reading."""

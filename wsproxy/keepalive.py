@@ -175,6 +175,12 @@ class KeepAlive:
             return max(self.deadline, self._progress_at + self.pong_wait)
         return min(self.next_ping_at, self.deadline)
 
+    def expired(self, now: float) -> bool:
+        """Whether :meth:`poll` at ``now`` would return :data:`TIMEOUT` (the caller may
+        first record a last sign of life, such as write progress)."""
+        deadline = self.next_wakeup() if self.waiting is not None else self.deadline
+        return now + self.slack >= deadline
+
     def poll(self, now: float) -> bytes | Timeout | None:
         """Return :data:`TIMEOUT`, the payload of a Ping now due, or None.
 
@@ -183,11 +189,11 @@ class KeepAlive:
         the same cadence. Intervals missed entirely (a stalled loop, a suspended host,
         a Ping that waited) are skipped: the next is never due already.
         """
-        due = now + self.slack
-        if self.waiting is not None:
-            return TIMEOUT if due >= self.next_wakeup() else None
-        if due >= self.deadline:
+        if self.expired(now):
             return TIMEOUT
+        if self.waiting is not None:
+            return None
+        due = now + self.slack
         if due < self.next_ping_at:
             return None
         interval = self.ping_interval

@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import fcntl
 import itertools
 import logging
 import os
 import random
 import ssl
+import sys
+import termios
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
@@ -47,6 +50,7 @@ from wsproxy.connection import (
     TIMER_SLACK,
     Action,
     Connection,
+    Writer,
 )
 from wsproxy.exchange import (
     MessageEnd,
@@ -60,7 +64,7 @@ from wsproxy.keepalive import KeepAlive, first_ping_delay
 from wsproxy.logs import FIELDS
 
 if TYPE_CHECKING:
-    from wsproxy.config import Route
+    from wsproxy.config import KeepaliveSettings, Route
     from wsproxy.host import EventsSession, Host
 
 log = logging.getLogger("wsproxy")
@@ -837,9 +841,6 @@ class Relay(asyncio.Protocol):
             live, route = self.config, self.route
         settings = live.keepalive_for(route)
         self._ka_config = live
-        life = None
-        if settings.max_lifetime is not None:
-            life = settings.max_lifetime + _rng.uniform(0.0, settings.max_lifetime_jitter)
         uk = self.config.upstream.keepalive
         self.conn = conn = Connection(
             to_client=cl,
@@ -853,7 +854,8 @@ class Relay(asyncio.Protocol):
             first_ping=first_ping_delay(settings.ping_interval, _rng),
             upstream_ka=None if uk is None else (uk.ping_interval, uk.pong_wait),
             first_upstream_ping=0.0 if uk is None else first_ping_delay(uk.ping_interval, _rng),
-            lifetime=life,
+            lifetime=_lifetime(settings),
+            queued=_queued,
         )
         # From here the core owns the write deadlines: a buffer that is full now
         # starts its deadline afresh there.
@@ -887,7 +889,8 @@ class Relay(asyncio.Protocol):
         for kind, side, arg in acts:
             if kind == TIMER:
                 self._cancel(self._timer)
-                self._timer = self.loop.call_at(arg, self._on_timer)
+                # (None once finished: a late action must not keep the relay alive.)
+                self._timer = None if self._finished else self.loop.call_at(arg, self._on_timer)
                 continue
             client = side is conn.client
             if kind == COUNT:
@@ -955,7 +958,9 @@ class Relay(asyncio.Protocol):
         if route is None or route.mode != "relay":
             return  # the route is gone: the connection keeps the settings it had
         settings = config.keepalive_for(route)
-        self._run(self.conn.reconfigure(settings, config.limits.max_frame_size))
+        self._run(
+            self.conn.reconfigure(settings, config.limits.max_frame_size, _lifetime(settings))
+        )
 
     # ------------------------------------------------------------------ closing
 
@@ -1288,6 +1293,28 @@ def count_core_event(proxy: Host[Relay], relay: Relay, client: bool, what: tuple
             if kind == "pong":
                 fields["rtt_ms"] = round(what[1] * 1000, 3)
             ka_log.debug(kind, extra={FIELDS: fields})
+
+
+def _queued(transport: Writer) -> int:
+    """Bytes written toward a peer and not yet taken by it: the transport's buffer plus
+    the socket's send queue in the kernel (Linux SIOCOUTQ: not yet acknowledged), which
+    holds megabytes on a fast path. Write progress is this number going down."""
+    size = transport.get_write_buffer_size()
+    sock = cast(asyncio.Transport, transport).get_extra_info("socket")
+    if sock is not None:
+        try:
+            out = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+            size += int.from_bytes(out, sys.byteorder, signed=True)
+        except (OSError, ValueError):  # pragma: no cover - closed, or not a TCP socket
+            pass
+    return size
+
+
+def _lifetime(settings: KeepaliveSettings) -> float | None:
+    """A connection's maximum age: max_lifetime plus its share of the jitter."""
+    if settings.max_lifetime is None:
+        return None
+    return settings.max_lifetime + _rng.uniform(0.0, settings.max_lifetime_jitter)
 
 
 def _ms(seconds: float | None) -> float | None:

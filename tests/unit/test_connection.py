@@ -149,13 +149,26 @@ def counts(acts: Iterable[Action], what: str) -> list[tuple[str, tuple[Any, ...]
 
 
 class Sink:
-    """A writer that keeps what the core writes to one side, in order."""
+    """A writer that keeps what the core writes to one side, in order, and plays its
+    socket: it takes everything at once (nothing stays queued) unless a test sets
+    ``holding``; then bytes stay queued until :meth:`take`."""
 
     def __init__(self, into: list[bytes]) -> None:
         self.into = into
+        self.written = 0
+        self.taken = 0
+        self.holding = False
 
     def write(self, data: bytes | memoryview) -> None:
         self.into.append(data)  # type: ignore[arg-type]
+        self.written += len(data)
+
+    def take(self, n: int | None = None) -> None:
+        """The peer's socket takes ``n`` more bytes (all written so far: None)."""
+        self.taken = self.written if n is None else min(self.written, self.taken + n)
+
+    def get_write_buffer_size(self) -> int:
+        return self.written - self.taken if self.holding else 0
 
 
 class Recorded:
@@ -208,22 +221,26 @@ class Rig:
         upstream_ka: tuple[float, float] | None = None,
         first_upstream_ping: float = 2.0,
         lifetime: float | None = None,
+        max_lifetime: float | None = None,
     ) -> None:
         self.clock = Clock(T0)
         self.fine = Clock(FINE0)
         self.to_client: list[bytes] = []
         self.to_upstream: list[bytes] = []
+        self.client_sink = Sink(self.to_client)
+        self.upstream_sink = Sink(self.to_upstream)
         #: When the timer fires next (the last TIMER action), None when disarmed.
         self.armed: float | None = None
         self.core = Connection(
-            to_client=Sink(self.to_client),
-            to_upstream=Sink(self.to_upstream),
+            to_client=self.client_sink,
+            to_upstream=self.upstream_sink,
             settings=KeepaliveSettings(
                 ping_interval=ping_interval,
                 pong_wait=pong_wait,
                 write_wait=write_wait,
                 close_timeout=close_timeout,
                 liveness=liveness,
+                max_lifetime=max_lifetime,
             ),
             max_frame_size=max_frame_size,
             clock=self.clock,
@@ -1010,7 +1027,7 @@ def test_an_upstream_protocol_error_fails_the_upstream() -> None:
 _INVALID = [
     pytest.param(close_payload(c, "x"), c, id=str(c))
     for c in (0, 999, 1004, 1005, 1006, 1015, 1016, 2999, 5000, 65535)
-] + [pytest.param(b"\x03", None, id="one-byte-payload")]
+] + [pytest.param(b"\x03", 3, id="one-byte-payload")]  # the byte, as sent
 
 
 @pytest.mark.parametrize(("payload", "code"), _INVALID)
@@ -1247,6 +1264,36 @@ def test_a_client_write_timeout_aborts_it_and_closes_the_upstream() -> None:
     assert rig.conn.closed_by == "proxy:write_timeout"
 
 
+def test_a_client_whose_buffer_keeps_shrinking_is_not_cut() -> None:
+    """Every write_wait sees bytes accepted by its socket: a slow reader, not a stalled
+    one. Once the buffer stops shrinking, it is cut one write_wait later."""
+    rig = Rig(write_wait=2.0)
+    rig.client_sink.holding = True
+    rig.upstream(uf(OP_BINARY, bytes(300_000)))
+    rig.conn.paused(rig.c)
+    rig.client_sink.take(100_000)  # the client read 100 kB meanwhile
+    assert desc(rig.run_until(T0 + 2.0)) == []
+    assert rig.c.wdl == pytest.approx(T0 + 4.0)
+    assert desc(rig.run_until(T0 + 3.99)) == []  # no progress since 1002, not due yet
+    acts = rig.run_until(T0 + 4.0)
+    assert ("COUNT", CLIENT, ("write_timeout",)) in desc(acts)
+    assert ("ABORT", CLIENT) in desc(acts)
+
+
+def test_a_side_held_unread_is_not_judged_by_its_pongs() -> None:
+    """While the upstream's buffer is full wsproxy stops reading the client, whose
+    Pongs then wait in its socket: no keep-alive timeout for that (write_wait bounds
+    the hold); once the hold ends, the deadline runs again."""
+    rig = Rig(ping_interval=10.0, pong_wait=30.0, write_wait=100.0)
+    rig.conn.paused(rig.u)
+    acts = rig.run_until(T0 + 60.0)
+    assert ("COUNT", CLIENT, ("keepalive_timeout",)) not in desc(acts)
+    assert rig.got_upstream() == b"" and not rig.c.told
+    rig.conn.resumed(rig.u)
+    acts = rig.run_until(T0 + 100.0)
+    assert ("COUNT", CLIENT, ("keepalive_timeout",)) in desc(acts)
+
+
 def test_an_upstream_write_timeout_aborts_it_and_closes_the_client() -> None:
     rig = Rig(write_wait=2.0, gone_close_code=1012)
     rig.conn.paused(rig.u)
@@ -1449,6 +1496,29 @@ def test_reconfigure_to_a_longer_interval_arms_no_timer() -> None:
     assert acts == [(TIMER, None, pytest.approx(T0 + 9.0))]
     assert desc(rig.run_until(T0 + 8.9)) == []
     assert desc(rig.run_until(T0 + 9.0)) == [("COUNT", CLIENT, ("ping",))]
+
+
+def test_reconfigure_sets_max_lifetime_counted_from_the_reload() -> None:
+    rig = Rig(ping_interval=10.0, pong_wait=30.0)
+    rig.clock.t = T0 + 3.0
+    settings_ = KeepaliveSettings(ping_interval=10.0, pong_wait=30.0, max_lifetime=10.0)
+    rig.conn.reconfigure(settings_, None, 12.0)  # 10 s plus its share of the jitter
+    assert desc(rig.run_until(T0 + 14.9)) == [("COUNT", CLIENT, ("ping",))]
+    assert rig.conn.closed_by is None
+    rig.run_until(T0 + 15.0)
+    assert rig.conn.closed_by == "proxy:max_lifetime"
+    assert parse(rig.got_client())[-1].close() == (1001, "going away")
+
+
+def test_reconfigure_keeps_an_unchanged_max_lifetime_and_clears_a_removed_one() -> None:
+    rig = Rig(lifetime=25.0, max_lifetime=20.0)
+    same = KeepaliveSettings(ping_interval=10.0, pong_wait=30.0, max_lifetime=20.0)
+    rig.clock.t = T0 + 10.0
+    rig.conn.reconfigure(same, None, 24.0)  # a reload that did not touch it
+    assert rig.conn.life_at == pytest.approx(T0 + 25.0)  # not T0 + 34
+    rig.conn.reconfigure(KeepaliveSettings(ping_interval=10.0, pong_wait=30.0), None, None)
+    rig.run_until(T0 + 29.0)
+    assert rig.conn.closed_by is None
 
 
 def test_reconfigure_applies_a_new_frame_limit_and_liveness() -> None:
@@ -1684,3 +1754,23 @@ TestConnectionMachine.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def test_a_client_still_reading_what_was_queued_before_our_ping_is_alive() -> None:
+    """Our Ping sits behind a long frame the client is still reading (kernel buffers
+    hold megabytes): no Pong can come yet, but its socket keeps taking bytes. Each
+    pong_wait that sees the queue go down counts as a sign of life; once it stops
+    going down, the client is cut."""
+    rig = Rig(ping_interval=10.0, pong_wait=30.0, write_wait=1000.0)
+    rig.client_sink.holding = True
+    rig.upstream(uf(OP_BINARY, bytes(1_000_000)))  # all of it queued toward the client
+    rig.run_until(T0 + 5.0)  # our Ping goes out behind it
+    assert [f.opcode for f in parse(rig.got_client())] == [OP_BINARY, 9]
+    # pong_wait passes without a Pong, but 1 MB is queued: the first look gives it time.
+    assert ("COUNT", CLIENT, ("keepalive_timeout",)) not in desc(rig.run_until(T0 + 35.0))
+    rig.client_sink.take(400_000)  # it reads on
+    assert ("COUNT", CLIENT, ("keepalive_timeout",)) not in desc(rig.run_until(T0 + 66.0))
+    # It stops reading: the next look sees no progress.
+    acts = rig.run_until(T0 + 100.0)
+    assert ("COUNT", CLIENT, ("keepalive_timeout",)) in desc(acts)
+    assert rig.conn.closed_by == "proxy:keepalive_timeout"

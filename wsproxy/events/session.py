@@ -86,6 +86,9 @@ class _Endpoint:
     def write(self, data: bytes | memoryview) -> None:
         self.proto.receive_data(bytes(data))
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # in-process: it takes everything at once
+
 
 def _mask_key() -> bytes:
     return _IN_PROCESS_MASK
@@ -272,6 +275,10 @@ class Session(asyncio.Protocol):
 
     # ------------------------------------------------------------------ the core
 
+    def get_write_buffer_size(self) -> int:
+        """Bytes waiting toward the client (the core's write progress)."""
+        return self.transport.get_write_buffer_size()
+
     def write(self, data: bytes | memoryview) -> None:
         """The core's writes to the client."""
         # The core's writes: one frame each (the endpoint's chunks are whole frames).
@@ -282,6 +289,9 @@ class Session(asyncio.Protocol):
     def _run(self, acts: list[Action]) -> None:
         """Carry out the core's actions (its writes went out already, in order)."""
         conn = self.conn
+        # First: a client that is gone or told to close gets no queued events (a
+        # RESUME of the endpoint below must not drain them to it).
+        self._check_closing()
         for kind, side, arg in acts:
             if kind == TIMER:
                 if self._timer is not None:
@@ -309,12 +319,15 @@ class Session(asyncio.Protocol):
                 self.paused = False
                 self._reading()
                 self._drain_queue()
-        client = conn.client
+        self._check_closing()
+        if conn.finished:
+            self._finish()
+
+    def _check_closing(self) -> None:
+        client = self.conn.client
         if not self.closing and (client.told or client.gone):
             self.closing = True
             self._discard()
-        if conn.finished:
-            self._finish()
 
     def _pump(self) -> None:
         """Handle what the core fed the endpoint: its events (client messages), then its
