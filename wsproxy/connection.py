@@ -78,6 +78,16 @@ COUNT: Final = 6
 
 Action = tuple[int, "Side | None", Any]
 
+# Side.flags
+CLOSED: Final = 1
+TOLD: Final = 2
+FAILED: Final = 4
+PAUSED: Final = 8
+EOF: Final = 16
+DONE: Final = 32
+ABORTED: Final = 64
+LOST: Final = 128
+
 #: Side names, which are also the values of ``Side.name``.
 CLIENT: Final = "client"
 UPSTREAM: Final = "upstream"
@@ -128,25 +138,19 @@ class Side:
     """One peer of a relayed connection, transport-free. ``out`` takes the bytes to
     this peer; ``scan`` reads the bytes from it."""
 
-    # Slots: one pair per open connection, tens of thousands at once.
+    # Slots: one pair per open connection, tens of thousands at once; the eight
+    # yes/no facts share one int (``flags``), read through the properties below.
     __slots__ = (
-        "aborted",
         "backlog",
-        "closed",
         "code",
-        "done",
-        "eof",
-        "failed",
+        "flags",
         "ka",
-        "lost",
         "name",
         "other",
         "out",
-        "paused",
         "pending",
         "scan",
         "sent",
-        "told",
         "wdl",
     )
 
@@ -160,29 +164,54 @@ class Side:
         self.ka: KeepAlive | None = None
         #: A Ping to this peer waiting for a frame boundary of the stream toward it.
         self.pending: bytes | None = None
-        #: This peer sent a Close (``code`` is its code, 1005 for none).
-        self.closed = False
+        #: The code of the Close this peer sent (1005 for none), and of ours to it.
         self.code: int | None = None
-        #: A Close went to this peer (relayed, or ours: then ``sent`` is its code).
-        self.told = False
         self.sent: int | None = None
-        #: This peer broke the protocol (failed: nothing more is read from it).
-        self.failed = False
-        #: This peer's write buffer is full; ``wdl`` is its write deadline.
-        self.paused = False
+        #: Its write deadline while its write buffer is full.
         self.wdl: float | None = None
         #: Bytes queued toward this peer at the last look (-1: none yet; _progress).
         self.backlog = -1
-        #: Its transport is closed or aborted by us (``done``); it is gone (``lost``).
-        self.done = False
-        self.eof = False
-        self.aborted = False
-        self.lost = False
+        self.flags = 0
+
+    @property
+    def closed(self) -> bool:
+        """This peer sent a Close."""
+        return bool(self.flags & CLOSED)
+
+    @property
+    def told(self) -> bool:
+        """A Close went to this peer (relayed, or ours: then ``sent`` is its code)."""
+        return bool(self.flags & TOLD)
+
+    @property
+    def failed(self) -> bool:
+        """This peer broke the protocol: nothing more is read from it."""
+        return bool(self.flags & FAILED)
+
+    @property
+    def paused(self) -> bool:
+        """This peer's write buffer is full."""
+        return bool(self.flags & PAUSED)
+
+    @property
+    def eof(self) -> bool:
+        """This peer half-closed (EOF)."""
+        return bool(self.flags & EOF)
+
+    @property
+    def aborted(self) -> bool:
+        """We aborted its transport."""
+        return bool(self.flags & ABORTED)
+
+    @property
+    def lost(self) -> bool:
+        """Its transport is gone."""
+        return bool(self.flags & LOST)
 
     @property
     def gone(self) -> bool:
         """Nothing can be written to this peer any more."""
-        return self.done or self.lost
+        return bool(self.flags & (DONE | LOST))
 
 
 class Connection:
@@ -312,20 +341,19 @@ class Connection:
         dst = src.other
         pend = dst.pending
         items = src.scan.feed(data, mark_boundary=pend is not None)
-        if src.closed or src.failed:
+        if src.flags & (CLOSED | FAILED):
             return _NO_ACTIONS  # nothing after a side's Close, or after its violation
-        ka = src.ka
-        if self.liveness_any and ka is not None and src is self.client:
-            ka.on_data(self.clock())
-        flowing = not (dst.told or dst.done or dst.lost)
+        if self.liveness_any and src is self.client:
+            src.ka.on_data(self.clock())  # type: ignore[union-attr]  # (the client's is set)
+        flowing = not dst.flags & (TOLD | DONE | LOST)
         write = dst.out.write
         for item in items:
             t = type(item)
             if t is ControlFrame:
                 self._control(src, item)  # type: ignore[arg-type]
-                if src.closed or src.failed:
+                if src.flags & (CLOSED | FAILED):
                     break
-                flowing = not (dst.told or dst.done or dst.lost)
+                flowing = not dst.flags & (TOLD | DONE | LOST)
             elif t is Boundary:
                 self._boundary(dst)
             elif flowing:
@@ -337,20 +365,25 @@ class Connection:
         if pend is not None and flowing and not dst.paused and dst.ka is not None:
             # Bytes its socket accepted while its Ping waited: it is reading.
             dst.ka.progress(self.clock())
-        return self._take()
+        # (_take, inlined: this is the hot path)
+        acts = self._actions
+        if acts is None:
+            return _NO_ACTIONS
+        self._actions = None
+        return acts
 
     def eof(self, side: Side) -> bool:
         """EOF from ``side``. Returns whether to keep its transport open for writing:
         a side that sent its Close and then half-closed is still owed the other side's
         Close."""
-        side.eof = True
+        side.flags |= EOF
         return side.closed and not side.told and not side.gone
 
     def lost(self, side: Side) -> list[Action]:
         """``side``'s transport is gone."""
         if side.lost:
             return _NO_ACTIONS
-        side.lost = True
+        side.flags |= LOST
         side.pending = None
         side.wdl = None
         other = side.other
@@ -368,7 +401,7 @@ class Connection:
         """``side``'s write buffer is full: stop reading the other side (backpressure
         instead of buffering) and start a fresh write deadline: unless the buffer
         shrinks in every ``write_wait`` (bytes accepted by the socket), the side is cut."""
-        side.paused = True
+        side.flags |= PAUSED
         side.wdl = self.clock() + self.settings.write_wait
         self._progress(side)  # the baseline
         other = side.other
@@ -379,7 +412,7 @@ class Connection:
 
     def resumed(self, side: Side) -> list[Action]:
         """``side``'s write buffer drained: write progress."""
-        side.paused = False
+        side.flags &= ~PAUSED
         side.wdl = None
         side.backlog = -1
         ka = side.ka
@@ -472,7 +505,7 @@ class Connection:
             if f.payload and not valid_close_code(code):  # empty: no code (1005), fine
                 self._fail(src, 1002, f"invalid close code {code}")
                 return
-            src.closed = True
+            src.flags |= CLOSED
             src.pending = None
             self._cause(src.name)
             self._arm_close()
@@ -485,7 +518,7 @@ class Connection:
         if not (dst.told or dst.gone):
             dst.out.write(f.raw)
             if op == frames.OP_CLOSE:
-                dst.told = True
+                dst.flags |= TOLD
                 dst.pending = None
                 if dst.closed:
                     self._finish(dst)
@@ -562,7 +595,7 @@ class Connection:
         # stream toward this side ends just before the bad frame, a boundary.
         if side.other.scan.between_frames or side.other.failed:
             side.out.write(self._frame(side, frames.OP_CLOSE, frames.close_payload(code, reason)))
-            side.told = True
+            side.flags |= TOLD
             side.sent = code
             if side.closed:
                 self._finish(side)
@@ -574,7 +607,7 @@ class Connection:
     def _fail(self, side: Side, code: int, reason: str) -> None:
         """``side`` broke the protocol: Close ``code`` to it and close its TCP
         connection without waiting (RFC 6455 §7.1.7); the other side is told why."""
-        side.failed = True
+        side.flags |= FAILED
         side.pending = None
         self._cause(f"proxy:{self._tag(side)}protocol_error")
         self._close(side, code, reason)
@@ -590,7 +623,7 @@ class Connection:
         if side.gone:
             return
         if now or side is self.client or side.eof:
-            side.done = True
+            side.flags |= DONE
             self._act(CLOSE, side)
         self._arm_close()
 
@@ -611,7 +644,7 @@ class Connection:
         # A side we closed may still be flushing into a full buffer: abort it too.
         if side.lost or side.aborted:
             return
-        side.done = side.aborted = True
+        side.flags |= DONE | ABORTED
         side.pending = None
         side.wdl = None
         self._act(ABORT, side)

@@ -273,11 +273,12 @@ class Relay(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         state = self.state
         if state is State.RELAY:
-            self._frames(True, data)
+            conn = self.conn
+            acts = conn.data(conn.client, data)  # type: ignore[union-attr]
+            if acts:
+                self._run(acts)
         elif state is State.TUNNEL:
-            self.bytes_in += len(data)
-            if self.upstream is not None:
-                self.upstream.write(data)
+            self._tunnel(True, data)
         elif state in _HTTP_STATES:
             self._client_http(data)
         elif state is State.REFUSING:
@@ -873,14 +874,17 @@ class Relay(asyncio.Protocol):
             self._run(conn.data(conn.client, held))
         self._client_reading()
 
-    def _frames(self, client: bool, data: bytes) -> None:
-        """Bytes from the client (``client``) or the upstream after a 101 on a relay
-        route: the core relays them."""
-        conn = self.conn
-        assert conn is not None
-        acts = conn.data(conn.client if client else conn.upstream, data)
-        if acts:
-            self._run(acts)
+    def _tunnel(self, client: bool, data: bytes) -> None:
+        """Bytes from the client (``client``) or the upstream in a tunnel: to the other
+        side as they are."""
+        if client:
+            self.bytes_in += len(data)
+            to = self.upstream
+        else:
+            self.bytes_out += len(data)
+            to = self.client
+        if to is not None:
+            to.write(data)
 
     def _run(self, acts: list[Action]) -> None:
         """Carry out the core's actions (writes went out already, in order)."""
@@ -919,13 +923,15 @@ class Relay(asyncio.Protocol):
         count_core_event(self.proxy, self, client, what)
 
     def upstream_data(self, data: bytes) -> None:
+        if self.state is State.RELAY:  # the hot path first
+            conn = self.conn
+            acts = conn.data(conn.upstream, data)  # type: ignore[union-attr]
+            if acts:
+                self._run(acts)
+            return
         state = self.state
-        if state is State.RELAY:
-            self._frames(False, data)
-        elif state is State.TUNNEL:
-            self.bytes_out += len(data)
-            assert self.client is not None
-            self.client.write(data)
+        if state is State.TUNNEL:
+            self._tunnel(False, data)
         elif state is State.EXCHANGE:
             self._response_http(data)
         elif state is State.HEAD:
