@@ -309,25 +309,26 @@ class Connection:
     @property
     def closing(self) -> bool:
         """A close handshake has begun, or a side is gone."""
-        c, u = self.client, self.upstream
-        return c.closed or u.closed or c.told or u.told or c.gone or u.gone
+        return bool((self.client.flags | self.upstream.flags) & (CLOSED | TOLD | DONE | LOST))
 
     def next_wakeup(self) -> float | None:
         """The earliest deadline (loop time), or None when nothing is pending."""
-        times: list[float] = []
-        if not self.closing:
-            for side in (self.client, self.upstream):
-                ka = side.ka
+        # (Once per timer firing for every open connection: no list, no generator.)
+        c, u = self.client, self.upstream
+        when = self.close_at
+        if not (c.flags | u.flags) & (CLOSED | TOLD | DONE | LOST):
+            for ka in (c.ka, u.ka):
                 if ka is not None:
-                    times.append(grid(ka.next_wakeup(), ka.ping_interval))
-            if self.life_at is not None:
-                times.append(self.life_at)
-        for side in (self.client, self.upstream):
-            if side.wdl is not None and not side.lost:
-                times.append(side.wdl)
-        if self.close_at is not None:
-            times.append(self.close_at)
-        return min(times) if times else None
+                    t = grid(ka.next_wakeup(), ka.ping_interval)
+                    when = t if when is None or t < when else when
+            life = self.life_at
+            if life is not None and (when is None or life < when):
+                when = life
+        for side in (c, u):
+            wdl = side.wdl
+            if wdl is not None and not side.flags & LOST and (when is None or wdl < when):
+                when = wdl
+        return when
 
     # ------------------------------------------------------------------ events
 
@@ -340,9 +341,18 @@ class Connection:
         """Bytes from ``src``: relay them, frame-aware. Returns the actions."""
         dst = src.other
         pend = dst.pending
-        items = src.scan.feed(data, mark_boundary=pend is not None)
+        items = src.scan.feed(data, pend is not None)
         if src.flags & (CLOSED | FAILED):
             return _NO_ACTIONS  # nothing after a side's Close, or after its violation
+        if (
+            pend is None
+            and len(items) == 1
+            and items[0] is data  # all of it plain frame bytes (no control frame)
+            and not dst.flags & (TOLD | DONE | LOST)
+            and not self.liveness_any
+        ):
+            dst.out.write(data)  # the hot path: nothing else to do
+            return _NO_ACTIONS
         if self.liveness_any and src is self.client:
             src.ka.on_data(self.clock())  # type: ignore[union-attr]  # (the client's is set)
         flowing = not dst.flags & (TOLD | DONE | LOST)
@@ -538,7 +548,7 @@ class Connection:
         ka = side.ka
         if ka is None or side.gone:
             return
-        if side.other.paused:
+        if side.other.flags & PAUSED:
             # We hold this side unread (the other side's buffer is full): its Pongs
             # wait in the socket, so it cannot be judged now; the other side's
             # write_wait bounds the hold.

@@ -154,7 +154,7 @@ class FrameScanner:
         while the scanner holds the start of the next frame (none of it returned)."""
         return not self._remaining
 
-    def feed(self, data: bytes, *, mark_boundary: bool = False) -> list[Item]:
+    def feed(self, data: bytes, mark_boundary: bool = False) -> list[Item]:
         """Scan ``data``, the next bytes of the stream, and return what to forward.
 
         Pass-through bytes (data frames, headers and payloads) come back as ``bytes``
