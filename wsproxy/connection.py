@@ -149,6 +149,7 @@ class Side:
         "other",
         "out",
         "pending",
+        "pong_backlog",
         "scan",
         "sent",
         "wdl",
@@ -169,8 +170,11 @@ class Side:
         self.sent: int | None = None
         #: Its write deadline while its write buffer is full.
         self.wdl: float | None = None
-        #: Bytes queued toward this peer at the last look (-1: none yet; _progress).
+        #: Bytes queued toward this peer at the last look (-1: none yet; _progress):
+        #: one baseline for the write deadline, one for the pong deadline, so that
+        #: neither look moves the other's.
         self.backlog = -1
+        self.pong_backlog = -1
         self.flags = 0
 
     @property
@@ -413,7 +417,7 @@ class Connection:
         shrinks in every ``write_wait`` (bytes accepted by the socket), the side is cut."""
         side.flags |= PAUSED
         side.wdl = self.clock() + self.settings.write_wait
-        self._progress(side)  # the baseline
+        self._progress(side, pong=False)  # the baseline
         other = side.other
         if not other.lost:
             self._act(PAUSE, other)
@@ -443,7 +447,7 @@ class Connection:
             return self._take()
         for side in (self.client, self.upstream):
             if side.wdl is not None and due >= side.wdl and not side.lost:
-                if self._progress(side):
+                if self._progress(side, pong=False):
                     # Still full, but its socket took bytes since: a slow reader, not
                     # a stalled one. Every write_wait must see some progress.
                     side.wdl = now + self.settings.write_wait
@@ -499,7 +503,7 @@ class Connection:
         if op == frames.OP_PONG:
             ka = src.ka
             if ka is not None:
-                src.backlog = -1  # alive by its Pong: a later look starts afresh
+                src.pong_backlog = -1  # alive by its Pong: a later look starts afresh
                 rtt = ka.on_pong(f.payload, self.clock(), self.fine())
                 if rtt is not None:
                     self._act(COUNT, src, ("pong", rtt))
@@ -553,7 +557,7 @@ class Connection:
             # wait in the socket, so it cannot be judged now; the other side's
             # write_wait bounds the hold.
             ka.on_data(now)
-        elif ka.expired(now) and self._progress(side):
+        elif ka.expired(now) and self._progress(side, pong=True):
             # No Pong in time, but its socket kept taking our bytes: our Ping sits
             # behind data it is still reading (kernel buffers hold megabytes). A
             # reading peer is alive.
@@ -672,13 +676,16 @@ class Connection:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _progress(self, side: Side) -> bool:
+    def _progress(self, side: Side, *, pong: bool) -> bool:
         """Whether ``side``'s socket took bytes since the last look (write progress):
         what is queued toward it (``queued``: the transport's buffer and, in the relay,
         the kernel's send queue) went down. At a first look, anything queued counts:
         our Ping may sit behind it. Looked at only at deadlines, never per write."""
         queued = self.queued(side.out)
-        last, side.backlog = side.backlog, queued
+        if pong:
+            last, side.pong_backlog = side.pong_backlog, queued
+        else:
+            last, side.backlog = side.backlog, queued
         return queued < last if last >= 0 else queued > 0
 
     def _gone_code(self, side: Side) -> int:

@@ -856,7 +856,7 @@ class Relay(asyncio.Protocol):
             upstream_ka=None if uk is None else (uk.ping_interval, uk.pong_wait),
             first_upstream_ping=0.0 if uk is None else first_ping_delay(uk.ping_interval, _rng),
             lifetime=_lifetime(settings),
-            queued=_queued,
+            queued=queued_bytes,
         )
         # From here the core owns the write deadlines: a buffer that is full now
         # starts its deadline afresh there.
@@ -1301,7 +1301,7 @@ def count_core_event(proxy: Host[Relay], relay: Relay, client: bool, what: tuple
             ka_log.debug(kind, extra={FIELDS: fields})
 
 
-def _queued(transport: Writer) -> int:
+def queued_bytes(transport: Writer) -> int:
     """Bytes written toward a peer and not yet taken by it: the transport's buffer plus
     the socket's send queue in the kernel (Linux SIOCOUTQ: not yet acknowledged), which
     holds megabytes on a fast path. Write progress is this number going down."""

@@ -1774,3 +1774,18 @@ def test_a_client_still_reading_what_was_queued_before_our_ping_is_alive() -> No
     acts = rig.run_until(T0 + 100.0)
     assert ("COUNT", CLIENT, ("keepalive_timeout",)) in desc(acts)
     assert rig.conn.closed_by == "proxy:keepalive_timeout"
+
+
+def test_a_pong_does_not_excuse_a_client_that_reads_nothing() -> None:
+    """The write deadline and the pong deadline look at progress separately: a Pong
+    proves the client alive, not that it reads, so a client whose buffer stays full is
+    still cut by write_wait however many Pongs it sends."""
+    rig = Rig(write_wait=2.0)
+    rig.client_sink.holding = True
+    rig.upstream(uf(OP_BINARY, bytes(300_000)))
+    rig.conn.paused(rig.c)
+    rig.clock.t = T0 + 1.0
+    rig.client(cf(OP_PONG, b"heartbeat"))  # unsolicited: alive, but nothing read
+    acts = rig.run_until(T0 + 2.0)
+    assert ("COUNT", CLIENT, ("write_timeout",)) in desc(acts)
+    assert rig.conn.closed_by == "proxy:write_timeout"

@@ -54,7 +54,7 @@ from wsproxy.connection import ABORT, CLOSE, COUNT, PAUSE, RESUME, TIMER, Action
 from wsproxy.events import topics
 from wsproxy.keepalive import first_ping_delay
 from wsproxy.logs import FIELDS
-from wsproxy.relay import count_core_event
+from wsproxy.relay import count_core_event, queued_bytes
 
 if TYPE_CHECKING:
     from wsproxy.config import KeepaliveSettings
@@ -180,6 +180,7 @@ class Session(asyncio.Protocol):
             mask_key=_mask_key,
             first_ping=first_ping_delay(settings.ping_interval),
             lifetime=life,
+            queued=queued_bytes,  # transport buffer + kernel send queue
         )
 
     def start(self, held: bytes) -> None:
@@ -278,6 +279,10 @@ class Session(asyncio.Protocol):
     def get_write_buffer_size(self) -> int:
         """Bytes waiting toward the client (the core's write progress)."""
         return self.transport.get_write_buffer_size()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        """The client transport's (its socket, for the kernel's send queue)."""
+        return self.transport.get_extra_info(name, default)
 
     def write(self, data: bytes | memoryview) -> None:
         """The core's writes to the client."""
