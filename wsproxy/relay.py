@@ -287,10 +287,8 @@ class Relay(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         state = self.state
-        up = self.upstream
-        if state is State.RELAY:
-            conn = self.conn
-            assert conn is not None
+        up, conn = self.upstream, self.conn
+        if state is State.RELAY and conn is not None:
             return conn.eof(conn.client)
         if state is State.TUNNEL:
             # A client may half-close after its request; keep the response path open
@@ -1055,12 +1053,9 @@ class Relay(asyncio.Protocol):
 
     def upstream_eof(self) -> bool | None:
         self._upstream_eof = True
-        state = self.state
-        if state is State.RELAY:
-            conn = self.conn
-            assert conn is not None
-            return conn.eof(conn.upstream)
-        if state is State.EXCHANGE:
+        if self.state is State.RELAY and self.conn is not None:
+            return self.conn.eof(self.conn.upstream)
+        if self.state is State.EXCHANGE:
             self._response_ended()
         # No half-close from the upstream's side otherwise: once it has finished
         # sending, the client connection is closed after the buffered bytes drain
