@@ -49,6 +49,7 @@ __all__ = [
     "CLOSE",
     "COUNT",
     "PAUSE",
+    "REGISTERED_CLOSE_CODES",
     "RESUME",
     "TIMER",
     "TIMER_GRID",
@@ -117,11 +118,17 @@ def grid(when: float, interval: float) -> float:
     return math.ceil(when / step) * step
 
 
+#: Close codes defined for the protocol itself (IANA WebSocket Close Code Number
+#: Registry; RFC 6455 §7.4.1 for 1000-1011, later registrations for 1012-1014). 1004 is
+#: reserved, 1005, 1006 and 1015 must never be sent in a Close frame (§7.4.1).
+REGISTERED_CLOSE_CODES: Final = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015))
+
+
 def valid_close_code(code: int) -> bool:
-    """Whether ``code`` may appear in a Close frame (RFC 6455 §7.4.1 and §7.4.2, and
-    the IANA registry: 1000-1003, 1007-1014, 3000-4999). 1004 is reserved; 1005, 1006
-    and 1015 are for reporting only; the rest of 0-2999 is reserved or unassigned."""
-    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+    """Whether ``code`` may appear in a Close frame: a registered one
+    (:data:`REGISTERED_CLOSE_CODES`) or one for applications, 3000-4999 (RFC 6455
+    §7.4.2). The rest of 0-2999 is reserved, unassigned or for reporting only."""
+    return code in REGISTERED_CLOSE_CODES or 3000 <= code <= 4999
 
 
 class Writer(Protocol):
@@ -404,7 +411,7 @@ class Connection:
         if not side.closed and not side.told and not side.failed:
             self._cause(f"{side.name}_gone")
         if not other.gone:
-            self.actions_resume(other)
+            self._resume(other)
             if not side.closed:
                 # Gone without a Close: tell the other side, politely.
                 self._close(other, self._gone_code(other), f"{side.name} went away")
@@ -432,7 +439,7 @@ class Connection:
         ka = side.ka
         if ka is not None and ka.waiting is not None:
             ka.progress(self.clock())
-        self.actions_resume(side.other)
+        self._resume(side.other)
         return self._take()
 
     def timer(self) -> list[Action]:
@@ -554,8 +561,8 @@ class Connection:
             return
         if side.other.flags & PAUSED:
             # We hold this side unread (the other side's buffer is full): its Pongs
-            # wait in the socket, so it cannot be judged now; the other side's
-            # write_wait bounds the hold.
+            # wait in the socket, so it cannot be judged now. The hold ends when the
+            # other side catches up or is cut by its write_wait.
             ka.on_data(now)
         elif ka.expired(now) and self._progress(side, pong=True):
             # No Pong in time, but its socket kept taking our bytes: our Ping sits
@@ -565,11 +572,7 @@ class Connection:
         action = ka.poll(now)
         if action is TIMEOUT:
             other = side.other
-            self._cause(
-                "proxy:keepalive_timeout"
-                if side is self.client
-                else "proxy:upstream_keepalive_timeout"
-            )
+            self._cause(f"proxy:{self._tag(side)}keepalive_timeout")
             self._act(COUNT, side, ("keepalive_timeout",))
             # Presumed dead: it hears why, and nobody waits for its reply.
             self._close(side, 1011, "keepalive timeout")
@@ -645,13 +648,11 @@ class Connection:
         """``side`` did not take our bytes for ``write_wait``: it is not reading, and a
         Close would sit in the same buffer, so it is aborted."""
         side.wdl = None
-        self._cause(
-            "proxy:write_timeout" if side is self.client else "proxy:upstream_write_timeout"
-        )
+        self._cause(f"proxy:{self._tag(side)}write_timeout")
         self._act(COUNT, side, ("write_timeout",))
         self._abort(side)
         other = side.other
-        self.actions_resume(other)
+        self._resume(other)
         self._close(other, self._gone_code(other), f"{side.name} write timeout")
 
     def _abort(self, side: Side) -> None:
@@ -668,7 +669,7 @@ class Connection:
             self.close_at = self.clock() + self.settings.close_timeout
             self._schedule()
 
-    def actions_resume(self, side: Side) -> None:
+    def _resume(self, side: Side) -> None:
         """Read ``side`` again if it was held for the other side's full buffer (a gone
         side holds nothing back: its reply must still be read)."""
         if not side.lost and (side.other.gone or not side.other.paused):

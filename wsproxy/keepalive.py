@@ -33,7 +33,6 @@ __all__ = [
     "KeepAlive",
     "Timeout",
     "first_ping_delay",
-    "is_own_pong",
 ]
 
 #: Starts every Ping payload of wsproxy's (readable in a packet capture).
@@ -64,13 +63,6 @@ class Timeout(enum.Enum):
 
 #: The client missed its liveness deadline.
 TIMEOUT: Final = Timeout.TIMEOUT
-
-
-def is_own_pong(payload: bytes, nonce: bytes = NONCE) -> bool:
-    """Whether ``payload`` has the shape of a Pong to a Ping of this process (prefix
-    and ``nonce``); whether it answers an outstanding Ping is for
-    :meth:`KeepAlive.on_pong` to say."""
-    return len(payload) == _PING_SIZE and payload[:16] == PING_PREFIX + nonce
 
 
 def first_ping_delay(interval: float, rng: random.Random | None = None) -> float:

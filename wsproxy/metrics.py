@@ -45,6 +45,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from wsproxy import __version__
+from wsproxy.connection import REGISTERED_CLOSE_CODES
 from wsproxy.host import MeteredConnection, MeteredT, MetricsSource
 
 PASSTHROUGH = "passthrough"
@@ -92,10 +93,6 @@ def route_label(conn: MeteredConnection) -> str:
     return conn.route.path if conn.route is not None else PASSTHROUGH
 
 
-#: Close codes defined for the protocol itself (IANA WebSocket Close Code Number
-#: Registry; RFC 6455 §7.4.1 for 1000-1011, later registrations for 1012-1014). 1004 is
-#: reserved, 1005, 1006 and 1015 must never be sent in a Close frame (§7.4.1).
-REGISTERED_CLOSE_CODES = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015))
 #: Distinct application close codes (3000-4999) labelled by value, per route.
 APP_CODES_PER_ROUTE = 32
 NO_CLOSE = "none"

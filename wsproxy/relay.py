@@ -853,7 +853,7 @@ class Relay(asyncio.Protocol):
             first_ping=first_ping_delay(settings.ping_interval, _rng),
             upstream_ka=None if uk is None else (uk.ping_interval, uk.pong_wait),
             first_upstream_ping=0.0 if uk is None else first_ping_delay(uk.ping_interval, _rng),
-            lifetime=_lifetime(settings),
+            lifetime=lifetime_of(settings),
             queued=queued_bytes,
         )
         # From here the core owns the write deadlines: a buffer that is full now
@@ -896,7 +896,7 @@ class Relay(asyncio.Protocol):
                 continue
             client = side is conn.client
             if kind == COUNT:
-                self._count(client, arg)
+                count_core_event(self.proxy, self, client, arg)
                 continue
             tr = self.client if client else self.upstream
             if tr is None:  # pragma: no cover - both exist from the 101 on
@@ -916,9 +916,6 @@ class Relay(asyncio.Protocol):
                 tr.resume_reading()
         if conn.finished:
             self._maybe_finish()
-
-    def _count(self, client: bool, what: tuple[Any, ...]) -> None:
-        count_core_event(self.proxy, self, client, what)
 
     def upstream_data(self, data: bytes) -> None:
         if self.state is State.RELAY:  # the hot path first
@@ -963,7 +960,7 @@ class Relay(asyncio.Protocol):
             return  # the route is gone: the connection keeps the settings it had
         settings = config.keepalive_for(route)
         self._run(
-            self.conn.reconfigure(settings, config.limits.max_frame_size, _lifetime(settings))
+            self.conn.reconfigure(settings, config.limits.max_frame_size, lifetime_of(settings))
         )
 
     # ------------------------------------------------------------------ closing
@@ -1311,8 +1308,9 @@ def queued_bytes(transport: Writer) -> int:
     return size
 
 
-def _lifetime(settings: KeepaliveSettings) -> float | None:
-    """A connection's maximum age: max_lifetime plus its share of the jitter."""
+def lifetime_of(settings: KeepaliveSettings) -> float | None:
+    """A connection's maximum age in seconds: max_lifetime plus its random share of
+    max_lifetime_jitter; None when max_lifetime is off."""
     if settings.max_lifetime is None:
         return None
     return settings.max_lifetime + _rng.uniform(0.0, settings.max_lifetime_jitter)

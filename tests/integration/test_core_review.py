@@ -108,7 +108,7 @@ async def test_max_lifetime_close_is_bounded_by_close_timeout(
 
 async def test_max_lifetime_mid_frame_aborts_the_client(make_config, proxy, raw_upstream, client):
     """``max_lifetime`` while a frame toward the client is half way: a Close cannot be
-    injected, so the client is aborted (docs/design.md, "Closing"). Found: the client
+    injected, so the client is aborted (docs/design.md, "Closing"). Before the fix: the client
     was left connected, receiving nothing more, for as long as it stayed: the ABORT
     action was dropped with the rest of shutdown()'s actions (same cause; fixed
     meanwhile)."""
@@ -174,7 +174,7 @@ async def test_events_queued_when_a_client_ends_are_not_counted_delivered(
     ``write_wait``, or it resets its connection itself. The events still queued were
     never written anywhere and must be counted as
     ``wsproxy_events_dropped_total{reason="closed"}`` (docs/events.md: "still queued
-    when a connection ended"), each event once. Found: they are written to the dead
+    when a connection ended"), each event once. Before the fix: they are written to the dead
     transport and counted in ``wsproxy_events_delivered_total`` (and asyncio logs
     "socket.send() raised exception." for each write past its fifth). The core resumes the
     endpoint side when the client side goes (RESUME, wsproxy/connection.py:346 and
@@ -234,7 +234,7 @@ async def test_a_bad_client_close_followed_by_more_bytes_still_closes_the_upstre
     make_config, proxy, raw_upstream, client, bad
 ):
     """A client's invalid Close fails the client (Close 1002) and the upstream gets Close
-    1001 "client protocol error" (README, "How it behaves when things fail"). Found:
+    1001 "client protocol error" (README, "How it behaves when things fail"). Before the fix:
     when the same write carries the start of another frame after the bad Close, the
     upstream is aborted without a Close, though none of those bytes were forwarded.
     Connection._fail decides on the sender's scanner state at the end of the whole
@@ -257,7 +257,7 @@ async def test_a_bad_upstream_close_followed_by_more_bytes_still_closes_the_clie
     make_config, proxy, raw_upstream, client
 ):
     """The same from the upstream's side: an invalid Close from the upstream gets the
-    client Close 1011 "upstream protocol error". Found: the client is aborted instead
+    client Close 1011 "upstream protocol error". Before the fix: the client is aborted instead
     when the upstream's chunk goes on into another frame."""
     _, c, conn = await relay_pair(make_config, proxy, raw_upstream, client)
     more = build_frame(OP_BINARY, b"m" * 1000)[:40]
@@ -318,7 +318,7 @@ async def test_a_slow_reader_of_a_long_frame_is_not_cut(make_config, proxy, raw_
     one 256 KiB frame at once to a client whose link delivers it over about 1.3 s; the
     client reads all the time and answers every Ping (ping_interval 0.2 s, pong_wait
     0.8 s). docs/design.md: "a client that keeps reading a long frame is not cut".
-    Found: it is closed with 1011 "keepalive timeout" as the frame's last byte arrives.
+    Before the fix: it is closed with 1011 "keepalive timeout" as the frame's last byte arrives.
     wsproxy saw the frame's end at once, so no Ping waited: it wrote its Pings into the
     socket buffers behind the frame, and the pong deadline ran from those writes while
     the client was still reading the frame ahead of them. Write progress only counts
@@ -392,7 +392,7 @@ async def test_a_reload_that_sets_max_lifetime_reaches_open_relays(
     connections at once too", and ``max_lifetime`` is a keep-alive setting
     (``keepalive.max_lifetime``; docs/configuration.md#keepalive). An operator who
     adds ``max_lifetime: 55m`` by SIGHUP, ahead of a load balancer's 60 min cut, expects
-    the open connections to get it. Found: only new relays do; the open ones keep the
+    the open connections to get it. Before the fix: only new relays do; the open ones keep the
     lifetime they had at their 101 (Connection.life_at is set in __init__ and
     Connection.reconfigure never touches it: wsproxy/connection.py:255, 408-418). Either
     the code or the README is wrong; this test takes the README at its word."""
@@ -430,7 +430,7 @@ async def test_a_one_byte_close_is_not_counted_as_no_close(
     """A Close whose payload is one byte (no code can be read) is a protocol error; the
     peer did send a Close. README: ``wsproxy_close_codes_total`` ``code="none"`` means
     "its TCP connection ended without a Close", and ``client_code``/``upstream_code``
-    null means "none". Found: a one-byte Close is recorded exactly like no Close at all
+    null means "none". Before the fix: a one-byte Close is recorded exactly like no Close at all
     (null, ``none``), while an invalid code is recorded as sent (``invalid``).
     Connection._control fails the sender before it sets ``Side.code``
     (wsproxy/connection.py:433-438)."""
@@ -466,7 +466,7 @@ async def test_write_wait_spares_a_client_whose_socket_keeps_accepting(
     wsproxy's bytes for this long (its write buffer stays full) is aborted"; README:
     cut because "it is not reading". Here the upstream floods and the client reads 1 KiB
     every 20 ms (about 50 KB/s) without a pause: its socket accepts wsproxy's bytes all
-    the time. Found: it is aborted write_wait after the buffer first filled, as if it
+    the time. Before the fix: it is aborted write_wait after the buffer first filled, as if it
     had stopped reading. The deadline runs from pause_writing (high-water mark) to
     resume_writing (low-water mark) and nothing the socket accepts in between counts
     (Connection.paused/resumed, wsproxy/connection.py:353-372)."""
@@ -504,7 +504,7 @@ async def test_a_client_pause_does_not_make_a_healthy_upstream_dead(
     every Ping (websockets does so by itself), but its Pongs queue behind its data, and
     wsproxy has stopped reading the upstream (backpressure from the client's full
     buffer). docs/configuration.md, upstream.keepalive: it "finds an upstream that
-    vanished". Found: the healthy upstream is declared dead ("upstream keepalive
+    vanished". Before the fix: the healthy upstream is declared dead ("upstream keepalive
     timeout", 1011 to it, ``gone_close_code`` to the client), blamed for wsproxy's own
     pause: the upstream's pong deadline keeps running while the core holds the upstream
     unread (Connection.paused issues PAUSE, wsproxy/connection.py:353-362; the upstream's

@@ -45,7 +45,7 @@ async def test_unsolicited_pongs_do_not_excuse_a_client_that_reads_nothing(
 
     Here the upstream floods and the client reads *nothing*, but sends an unsolicited
     Pong (RFC 6455 §5.5.3, which ``liveness: pong`` counts) every write_wait / 4.
-    Found: it is never cut; wsproxy holds a full write buffer and kernel send queue
+    Before the fix: it is never cut; wsproxy holds a full write buffer and kernel send queue
     for it, and the upstream paused, for as long as it likes (also, with
     upstream.keepalive on, the upstream is never judged meanwhile). Cause: every Pong
     resets the write-progress baseline (``src.backlog = -1`` in Connection._control,
@@ -91,7 +91,7 @@ async def test_a_steady_reader_is_not_cut_when_its_two_deadlines_look_close_toge
     behind the data it is reading); ``pong_wait`` = ``write_wait`` = 400 ms, so each
     deadline alone sees the queue go down at every look.
 
-    Found: it is cut within a few seconds, by ``write_wait`` (abort) or ``pong_wait``
+    Before the fix: it is cut within a few seconds, by ``write_wait`` (abort) or ``pong_wait``
     (1011 "keepalive timeout"). Both deadlines judge progress against one baseline,
     ``Side.backlog``, and each look moves it (Connection._progress,
     wsproxy/connection.py:671-679, called from timer() for write_wait and from

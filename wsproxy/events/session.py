@@ -40,7 +40,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -54,7 +53,7 @@ from wsproxy.connection import ABORT, CLOSE, COUNT, PAUSE, RESUME, TIMER, Action
 from wsproxy.events import topics
 from wsproxy.keepalive import first_ping_delay
 from wsproxy.logs import FIELDS
-from wsproxy.relay import count_core_event, queued_bytes
+from wsproxy.relay import count_core_event, lifetime_of, queued_bytes
 
 if TYPE_CHECKING:
     from wsproxy.config import KeepaliveSettings
@@ -165,9 +164,6 @@ class Session(asyncio.Protocol):
         self._read_held = False  # the core asked to stop reading the client
         self._reading_paused = False
         self._finished = False
-        life = None
-        if settings.max_lifetime is not None:
-            life = settings.max_lifetime + random.uniform(0.0, settings.max_lifetime_jitter)
         self.conn = Connection(
             to_client=self,
             to_upstream=_Endpoint(proto),
@@ -179,7 +175,7 @@ class Session(asyncio.Protocol):
             fine=time.perf_counter,
             mask_key=_mask_key,
             first_ping=first_ping_delay(settings.ping_interval),
-            lifetime=life,
+            lifetime=lifetime_of(settings),
             queued=queued_bytes,  # transport buffer + kernel send queue
         )
 
@@ -303,7 +299,7 @@ class Session(asyncio.Protocol):
                     self._timer.cancel()
                 self._timer = self.loop.call_at(arg, self._on_timer)
             elif kind == COUNT:
-                self._count(side is conn.client, arg)
+                count_core_event(self.hub.proxy, self.relay, side is conn.client, arg)
             elif side is conn.client:
                 tr = self.transport
                 if kind == CLOSE:
@@ -380,10 +376,6 @@ class Session(asyncio.Protocol):
         self._timer = None
         self._run(self.conn.timer())
         self._pump()
-
-    def _count(self, client: bool, what: tuple[Any, ...]) -> None:
-        # (The endpoint's side is never kept alive and its writes never stall.)
-        count_core_event(self.hub.proxy, self.relay, client, what)
 
     # ------------------------------------------------------------------ events out
 
