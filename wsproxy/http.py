@@ -341,8 +341,15 @@ def _parse_address(text: str) -> _Address | None:
             return None
     if "%" in s:
         return None
+    return _ip(s)
+
+
+def _ip(text: str) -> _Address | None:
+    """``text`` as an IP address, an IPv4-mapped IPv6 one as the IPv4 address it
+    carries (one identity whichever form a socket or a proxy gives); None if it is
+    not an address."""
     try:
-        ip = ipaddress.ip_address(s)
+        ip = ipaddress.ip_address(text)
     except ValueError:
         return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -359,13 +366,8 @@ def peer_is_trusted(peer_ip: str, trusted: Sequence[_Network]) -> bool:
     """Whether the socket peer `peer_ip` is in one of the `trusted` networks (an
     IPv4-mapped IPv6 peer counts as its IPv4 address). False for anything that is not
     an IP address. What `forwarded_head` needs as its `trusted` flag."""
-    try:
-        peer = ipaddress.ip_address(peer_ip)
-    except ValueError:
-        return False
-    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
-        peer = peer.ipv4_mapped
-    return _is_trusted(peer, trusted)
+    peer = _ip(peer_ip)
+    return peer is not None and _is_trusted(peer, trusted)
 
 
 def client_address(req: RequestHead, peer_ip: str, trusted: Sequence[_Network]) -> str:
@@ -392,12 +394,9 @@ def client_address(req: RequestHead, peer_ip: str, trusted: Sequence[_Network]) 
     `trusted` comes from `config.forwarded.networks()`. The cost is linear in the
     X-Forwarded-For text, which the head size limit bounds.
     """
-    try:
-        peer = ipaddress.ip_address(peer_ip)
-    except ValueError:
+    peer = _ip(peer_ip)
+    if peer is None:
         return peer_ip
-    if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
-        peer = peer.ipv4_mapped
     if not _is_trusted(peer, trusted):
         return str(peer)
     last_trusted: _Address | None = None

@@ -20,6 +20,7 @@ import signal
 import socket
 import ssl
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -57,8 +58,13 @@ def _reason(exc: OSError) -> str:
     return str(exc.strerror or exc).lower()
 
 
-def _cannot_listen(key: str, address: str, exc: OSError) -> ConfigError:
-    return ConfigError([f"{key}: cannot listen on {address}: {_reason(exc)}"])
+@contextlib.contextmanager
+def _listening(key: str, address: str) -> Iterator[None]:
+    """An OSError inside becomes ``KEY: cannot listen on ADDRESS: why`` (exit 2)."""
+    try:
+        yield
+    except OSError as exc:
+        raise ConfigError([f"{key}: cannot listen on {address}: {_reason(exc)}"]) from None
 
 
 def _zmq_error(config: Config, exc: Exception) -> ConfigError:
@@ -264,7 +270,7 @@ class Proxy:
                     await self.events.start()
                 except zmq.ZMQError as exc:
                     raise _zmq_error(config, exc) from None
-            try:
+            with _listening("listen", config.listen):
                 self._server = await loop.create_server(
                     lambda: Relay(self),
                     config.listen_host,
@@ -277,25 +283,17 @@ class Proxy:
                     reuse_address=True,
                     start_serving=False,
                 )
-            except OSError as exc:
-                raise _cannot_listen("listen", config.listen, exc) from None
             if admin is not None:
-                try:
+                with _listening("admin.listen", config.admin.listen):
                     await admin.bind()
-                except OSError as exc:
-                    raise _cannot_listen("admin.listen", config.admin.listen, exc) from None
             # Two sockets may share a port with SO_REUSEADDR until one of them
             # listens: listen() is where that conflict shows.
-            try:
+            with _listening("listen", config.listen):
                 await self._server.start_serving()
                 check_listening(self._server)
-            except OSError as exc:
-                raise _cannot_listen("listen", config.listen, exc) from None
             if admin is not None:
-                try:
+                with _listening("admin.listen", config.admin.listen):
                     await admin.start_serving()
-                except OSError as exc:
-                    raise _cannot_listen("admin.listen", config.admin.listen, exc) from None
         except BaseException:
             if admin is not None:
                 await admin.close()
