@@ -67,20 +67,6 @@ def _listening(key: str, address: str) -> Iterator[None]:
         raise ConfigError([f"{key}: cannot listen on {address}: {_reason(exc)}"]) from None
 
 
-def _zmq_error(config: Config, exc: Exception) -> ConfigError:
-    """``zmq.endpoints.N: cannot bind|connect ENDPOINT: why``. pyzmq appends
-    ``(addr='ENDPOINT')`` to a bind or connect error, which says which N."""
-    assert config.zmq is not None  # an events route requires it (checked at load)
-    endpoints = config.zmq.endpoints
-    verb = "bind" if config.zmq.bind else "connect"
-    text = str(getattr(exc, "strerror", None) or exc)
-    why = re.sub(r"\s*\(addr=.*\)$", "", text).lower()
-    for i, endpoint in enumerate(endpoints):
-        if f"addr={endpoint!r}" in text:
-            return ConfigError([f"zmq.endpoints.{i}: cannot {verb} {endpoint}: {why}"])
-    return ConfigError([f"zmq.endpoints: cannot {verb} {', '.join(endpoints)}: {why}"])
-
-
 def _unreadable(key: str, path: Path) -> str | None:
     """``key: cannot read 'path': why`` when the file cannot be read, else None."""
     try:
@@ -261,15 +247,11 @@ class Proxy:
         admin = AdminServer(self) if config.admin.enabled else None
         try:
             if any(r.mode == "events" for r in config.routes):
-                import zmq
+                from wsproxy.events import make_source
+                from wsproxy.events.hub import EventsHub
 
-                from wsproxy.events import EventsHub
-
-                self.events = EventsHub(self)
-                try:
-                    await self.events.start()
-                except zmq.ZMQError as exc:
-                    raise _zmq_error(config, exc) from None
+                self.events = EventsHub(self, make_source(config))
+                await self.events.start()
             with _listening("listen", config.listen):
                 self._server = await loop.create_server(
                     lambda: Relay(self),
@@ -412,7 +394,7 @@ class Proxy:
         old = self.config
         ignored = [
             key
-            for key in ("listen", "tls", "admin", "zmq", "events")
+            for key in ("listen", "tls", "admin", "zmq", "amqp", "events")
             if getattr(new, key) != getattr(old, key)
         ]
         # Connections take (config, upstream TLS context, server name) as one snapshot

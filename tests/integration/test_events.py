@@ -233,7 +233,10 @@ async def test_two_clients_one_topic_one_zmq_subscription(events_proxy, publishe
         assert await recv(a) == "both"
         assert await recv(b) == "both"
         assert publisher.log == [("sub", b"agent_id:X")]
-        assert p.events.subscriptions_active == 2 and p.events.zmq_subscriptions == 1
+        assert (
+            p.events.subscriptions_active == 2
+            and p.events.counters()["wsproxy_events_zmq_subscriptions"] == 1
+        )
         await a.close()
         await wait_until(lambda: p.events.subscriptions_active == 1)
         await asyncio.sleep(50 * MS)
@@ -242,7 +245,10 @@ async def test_two_clients_one_topic_one_zmq_subscription(events_proxy, publishe
         assert await recv(b) == "only b"
     await publisher.wait_subscribed("agent_id:X", present=False)
     assert publisher.log == [("sub", b"agent_id:X"), ("unsub", b"agent_id:X")]
-    assert p.events.zmq_subscriptions == 0 and p.events.subscriptions_active == 0
+    assert (
+        p.events.counters()["wsproxy_events_zmq_subscriptions"] == 0
+        and p.events.subscriptions_active == 0
+    )
 
 
 async def test_payload_bytes_arrive_unchanged(events_proxy, publisher):
@@ -275,7 +281,7 @@ async def test_malformed_zmq_messages_are_counted_and_dropped(events_proxy, publ
         publisher.publish("customer_id:M:ok", "ok")
         assert await recv(ws) == "ok"
     assert p.events.dropped["malformed"] == 2
-    assert p.events.received == 3
+    assert p.events.counters()["wsproxy_events_received_total"] == 3
 
 
 async def test_subscribe_twice_is_idempotent(events_proxy, publisher):
@@ -872,7 +878,7 @@ async def test_events_metrics_are_exported(events_proxy, publisher):
         publisher.publish("customer_id:AB:call:1", "not for A")
         publisher.publish("customer_id:A:call:2", "two")
         assert [await recv(ws) for _ in range(2)] == ["one", "two"]
-        await wait_until(lambda: p.events.received == 3)
+        await wait_until(lambda: p.events.counters()["wsproxy_events_received_total"] == 3)
         samples = await scrape(p)
         assert sample(samples, "wsproxy_events_received_total") == 3
         assert sample(samples, "wsproxy_events_delivered_total") == 2

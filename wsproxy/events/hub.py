@@ -1,30 +1,25 @@
-"""The events hub: one ZeroMQ SUB socket per process, fanned out to WebSocket clients.
+"""The events hub: the clients of every events route of one process, fed by one source.
 
-ZeroMQ messages are multipart ``[topic, payload]``. A client's topic becomes a ZeroMQ
-subscription the first time any client asks for it and is removed when the last one
-leaves (reference counts are the sets of the index below). ZeroMQ filters by byte
-prefix; the hub then applies the real rule (``topics.matches``: equal, or followed by
-``:``) by looking up every ``:``-prefix of the event's topic in the index, so an event
-costs one dictionary lookup per ``:`` plus one write per recipient. The frame is built
-once per event and the same bytes are written to every recipient (server frames are
-not masked).
-
-ZeroMQ reconnects by itself: a publisher that restarts (``connect`` mode) or
-reconnects (``bind`` mode) is picked up again, and the SUB socket re-sends its
-subscriptions.
+The source is ZeroMQ (:mod:`wsproxy.events.zmq_source`) or RabbitMQ
+(:mod:`wsproxy.events.amqp_source`), chosen by ``events.source``; the hub and the
+sessions do not know which (:mod:`wsproxy.events.source`). A client's topic reaches the
+source the first time any client asks for it and leaves it when the last one leaves
+(reference counts are the sets of the index below). The source may filter coarsely
+(ZeroMQ by byte prefix, RabbitMQ by scope); the hub applies the real rule
+(``topics.matches``: equal, or followed by ``:``) by looking up every ``:``-prefix of
+each of the event's topics in the index, so an event costs one dictionary lookup per
+``:`` plus one write per recipient, and reaches each client once however many of its
+subscriptions match. The frame is built once per event and the same bytes are written
+to every recipient (server frames are not masked).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
-import zmq
-import zmq.asyncio
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
@@ -35,6 +30,7 @@ from wsproxy.events.session import Session
 from wsproxy.logs import FIELDS
 
 if TYPE_CHECKING:
+    from wsproxy.events.source import EventSource
     from wsproxy.host import Host
     from wsproxy.http import RequestHead
     from wsproxy.relay import Relay
@@ -45,17 +41,11 @@ log = logging.getLogger("wsproxy.events")
 _ws_log = logging.getLogger("wsproxy.events.websockets")
 _ws_log.setLevel(logging.WARNING)
 
-#: Messages ZeroMQ may buffer for the SUB socket before it drops (the reader drains it
-#: continuously; this only absorbs bursts while the loop is busy).
-RCVHWM = 100_000
-#: Messages handled per wake-up of the reader before it yields to the loop.
-BATCH = 256
-
 #: Reasons of ``wsproxy_events_dropped_total``.
 DROP_REASONS = (
-    "malformed",  # not a [topic, payload] multipart message
+    "malformed",  # not a [topic, payload] multipart message (ZeroMQ)
     "invalid_utf8",  # payload is not UTF-8: it cannot be a text frame
-    "unmatched",  # ZeroMQ's byte-prefix filter let it through; no client matches it
+    "unmatched",  # the source's coarse filter let it through; no client matches it
     "queue_full",  # overflow: drop_oldest
     "slow_consumer",  # overflow: close (the queue of the closed client)
     "closed",  # still queued when the client's connection ended
@@ -65,11 +55,11 @@ DROP_REASONS = (
 class EventsHub:
     """Serves every ``mode: events`` route of one :class:`~wsproxy.server.Proxy`."""
 
-    def __init__(self, proxy: Host[Relay]) -> None:
+    def __init__(self, proxy: Host[Relay], source: EventSource) -> None:
         config = proxy.config
-        assert config.zmq is not None and config.events is not None  # checked at load
+        assert config.events is not None  # checked at load
         self.proxy = proxy
-        self.zmq_settings = config.zmq
+        self.source = source
         self.settings = ev = config.events
         self.queue_size = ev.queue_size
         self.queue_bytes = ev.queue_bytes
@@ -82,12 +72,7 @@ class EventsHub:
         self.index: dict[bytes, set[Session]] = {}
         # Sessions with events of the current batch still to write.
         self.dirty: list[Session] = []
-        self._ctx: zmq.asyncio.Context | None = None
-        self._sock: zmq.asyncio.Socket | None = None
-        self._sync: zmq.Socket[bytes] | None = None
-        self._reader: asyncio.Task[None] | None = None
         # Counters; the Prometheus exporter reads them (see counters()).
-        self.received = 0
         self.delivered = 0
         self.dropped: dict[str, int] = defaultdict(int)
         self.slow_consumers = 0
@@ -96,58 +81,16 @@ class EventsHub:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        ctx = zmq.asyncio.Context()
-        sock = ctx.socket(zmq.SUB)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVHWM, RCVHWM)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
-        # ZMTP heartbeats: a publisher host that vanished without a FIN is noticed and
-        # reconnected to instead of silently feeding nothing forever.
-        sock.setsockopt(zmq.HEARTBEAT_IVL, 10_000)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 30_000)
-        try:
-            for endpoint in self.zmq_settings.endpoints:
-                if self.zmq_settings.bind:
-                    sock.bind(endpoint)
-                else:
-                    sock.connect(endpoint)
-        except zmq.ZMQError:
-            sock.close(linger=0)
-            ctx.term()
-            raise
-        self._ctx = ctx
-        self._sock = sock
-        self._sync = zmq.Socket.shadow(sock.underlying)
-        self._reader = asyncio.get_running_loop().create_task(
-            self._read(), name="wsproxy-events-reader"
-        )
-        log.info(
-            "events source",
-            extra={
-                FIELDS: {
-                    "endpoints": list(self.zmq_settings.endpoints),
-                    "bind": self.zmq_settings.bind,
-                    "auth": "none" if self.authorizer is None else "jwt",
-                }
-            },
-        )
+        """Start the source (raises what :meth:`EventSource.start` raises)."""
+        await self.source.start(self)
+        fields = self.source.describe()
+        fields["auth"] = "none" if self.authorizer is None else "jwt"
+        log.info("events source", extra={FIELDS: fields})
 
     async def close(self) -> None:
         for session in list(self.sessions.values()):
             session.abort()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-            self._reader = None
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
-            self._sync = None
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
+        await self.source.close()
 
     # ------------------------------------------------------------------ clients
 
@@ -232,12 +175,17 @@ class EventsHub:
 
     # ------------------------------------------------------------------ subscriptions
 
+    def refuse(self, topic: bytes) -> str | None:
+        """Why ``topic`` cannot be subscribed on this process's source, or None."""
+        if topic in self.index:
+            return None
+        return self.source.refuse(topic)
+
     def subscribe(self, session: Session, topic: bytes) -> None:
         subs = self.index.get(topic)
         if subs is None:
             subs = self.index[topic] = set()
-            if self._sock is not None:
-                self._sock.setsockopt(zmq.SUBSCRIBE, topic)
+            self.source.subscribe(topic)
         if session not in subs:
             subs.add(session)
             self.subscriptions_active += 1
@@ -250,60 +198,42 @@ class EventsHub:
         self.subscriptions_active -= 1
         if not subs:
             del self.index[topic]
-            if self._sock is not None:
-                self._sock.setsockopt(zmq.UNSUBSCRIBE, topic)
-
-    @property
-    def zmq_subscriptions(self) -> int:
-        """Distinct topics subscribed on the ZeroMQ socket."""
-        return len(self.index)
+            self.source.unsubscribe(topic)
 
     # ------------------------------------------------------------------ events in
 
-    async def _read(self) -> None:
-        sock, sync = self._sock, self._sync
-        assert sock is not None and sync is not None
-        while True:
-            msg = await sock.recv_multipart()
-            try:
-                self._on_message(msg)
-                # Take what is already there without a trip through the loop per
-                # message, then write each client's share of the batch at once.
-                for _ in range(BATCH):
-                    try:
-                        msg = sync.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._on_message(msg)
-            finally:
-                self._flush()
-
-    def _flush(self) -> None:
+    def flush(self) -> None:
         dirty = self.dirty
         self.dirty = []
         for session in dirty:
             session.flush()
 
-    def _on_message(self, msg: list[bytes]) -> None:
-        self.received += 1
-        if len(msg) != 2:
-            self.dropped["malformed"] += 1
-            return
-        topic, payload = msg
+    def _targets(self, names: tuple[bytes, ...]) -> set[Session] | None:
+        """The sessions subscribed to a prefix of any of ``names`` (shared with the
+        index when only one set matches: callers must not change it)."""
         index = self.index
         targets: set[Session] | None = None
         merged = False
-        for prefix in topics.prefixes(topic):
-            subs = index.get(prefix)
-            if not subs:
-                continue
-            if targets is None:
-                targets = subs
-            else:
-                if not merged:
-                    targets = set(targets)
-                    merged = True
-                targets |= subs
+        for name in names:
+            for prefix in topics.prefixes(name):
+                subs = index.get(prefix)
+                if not subs:
+                    continue
+                if targets is None:
+                    targets = subs
+                else:
+                    if not merged:
+                        targets = set(targets)
+                        merged = True
+                    targets |= subs
+        return targets
+
+    def event(self, names: tuple[bytes, ...], payload: bytes, seen: tuple[bytes, ...] = ()) -> None:
+        targets = self._targets(names)
+        if targets and seen:
+            earlier = self._targets(seen)
+            if earlier:
+                targets = targets - earlier
         if not targets:
             self.dropped["unmatched"] += 1
             return
@@ -324,12 +254,13 @@ class EventsHub:
     # ------------------------------------------------------------------ metrics
 
     def counters(self) -> dict[str, object]:
-        """Current values under their Prometheus names (the lead's exporter reads this)."""
-        return {
-            "wsproxy_events_received_total": self.received,
+        """Current values under their Prometheus names (the exporter reads this), the
+        source's own among them."""
+        out: dict[str, object] = {
             "wsproxy_events_delivered_total": self.delivered,
             "wsproxy_events_dropped_total": {r: self.dropped.get(r, 0) for r in DROP_REASONS},
             "wsproxy_events_slow_consumers_total": self.slow_consumers,
             "wsproxy_subscriptions_active": self.subscriptions_active,
-            "wsproxy_events_zmq_subscriptions": self.zmq_subscriptions,
         }
+        out.update(self.source.counters())
+        return out
