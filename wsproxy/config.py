@@ -584,6 +584,63 @@ class ZmqSettings(BaseModel):
     bind: bool = False
 
 
+#: The VoIPbin webhook-manager's event exchange (see docs/events.md): a durable topic
+#: exchange that api-manager's own consumers bind to.
+VOIPBIN_EXCHANGE = "bin-manager.webhook-manager.event.topic"
+
+
+def _amqp_name(value: str) -> str:
+    # AMQP 0-9-1 names are short strings: at most 255 bytes (section 4.2.5.3).
+    if not value or len(value.encode("utf-8")) > 200:
+        raise ValueError(f"must be 1 to 200 bytes (got {_show(value)})")
+    return value
+
+
+class AmqpSettings(BaseModel):
+    """The RabbitMQ events source (``events.source: amqp``); see docs/events.md.
+
+    The broker URL (``amqp://user:password@host:port/vhost`` or ``amqps://``) is a
+    credential: it is read at start from ``url_env`` or ``url_file``, never from this
+    file, and never logged or exported.
+    """
+
+    model_config = _MODEL
+
+    url_env: str | None = None
+    url_file: ReadableFile | None = None
+    exchange: Annotated[str, AfterValidator(_amqp_name)] = VOIPBIN_EXCHANGE
+    #: Declare the exchange (topic, durable: the publisher's own properties) before
+    #: binding, so that wsproxy may start before the publisher; false: it must exist.
+    declare_exchange: bool = True
+    queue_prefix: Annotated[str, AfterValidator(_amqp_name)] = "wsproxy.events"
+    queue_expires: Duration = 1800.0
+    prefetch: Annotated[int, BeforeValidator(_no_bool)] = Field(default=200, gt=0, le=65535)
+    binding_parts: Annotated[int, BeforeValidator(_no_bool)] = Field(default=2, ge=1, le=16)
+    message: Annotated[Literal["voipbin", "routing_key"], BeforeValidator(_lower)] = "voipbin"
+    reconnect_interval: Duration = 1.0
+    heartbeat: Duration = 30.0
+    max_body_bytes: Size = 1024 * 1024
+    max_bindings: Annotated[int, BeforeValidator(_no_bool)] = Field(default=10_000, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> AmqpSettings:
+        if (self.url_env is None) == (self.url_file is None):
+            raise _KeyErrors(
+                [
+                    (
+                        ("url_env",),
+                        "set exactly one of url_env or url_file (api-manager reads its "
+                        "broker URL from RABBITMQ_ADDRESS)",
+                    )
+                ]
+            )
+        if self.queue_prefix.startswith("amq."):
+            raise _KeyErrors(
+                [(("queue_prefix",), "must not start with 'amq.' (reserved by the broker)")]
+            )
+        return self
+
+
 #: PyJWT's algorithm names (its docs, "Digital Signature Algorithms"), by family. A
 #: fixed list rather than ``jwt.algorithms.get_default_algorithms()``: that one shrinks
 #: to HS* without the ``cryptography`` package, which would call RS256 "unknown"; the
@@ -739,6 +796,8 @@ class EventsSettings(BaseModel):
     )
     #: The largest client message on an events route, fragments included (1009 above).
     max_message_bytes: Size = 64 * 1024
+    #: Where events come from: the top-level ``zmq`` or ``amqp`` section.
+    source: Annotated[Literal["zmq", "amqp"], BeforeValidator(_lower)] = "zmq"
     #: Origins allowed when the token comes from a cookie (cross-site WebSocket
     #: hijacking); an exact match of the Origin header, e.g. ``https://app.example.com``.
     allowed_origins: list[Annotated[str, AfterValidator(_check_origin)]] = Field(
@@ -769,6 +828,7 @@ class Config(BaseModel):
     admin: AdminSettings = AdminSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
     zmq: ZmqSettings | None = None
+    amqp: AmqpSettings | None = None
     events: EventsSettings | None = None
     forwarded: ForwardedSettings = ForwardedSettings()
 
@@ -804,8 +864,12 @@ class Config(BaseModel):
         events_routes = [i for i, r in enumerate(self.routes) if r.mode == "events"]
         if events_routes:
             where = f"routes.{events_routes[0]}"
-            if self.zmq is None:
-                errors.append((("zmq",), f"required when a route has mode: events ({where})"))
+            source = "zmq" if self.events is None else self.events.source
+            if getattr(self, source) is None:
+                why = f"required when a route has mode: events ({where})"
+                if source == "amqp":
+                    why = f"required by events.source: amqp ({where})"
+                errors.append(((source,), why))
             if self.events is None:
                 errors.append(
                     (("events", "auth"), f"required when a route has mode: events ({where})")

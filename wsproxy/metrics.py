@@ -233,12 +233,27 @@ class _LiveCollector(Collector, Generic[MeteredT]):
 
 
 _EVENTS_HELP = {
-    "wsproxy_events_received_total": "Messages read from the ZeroMQ SUB socket.",
+    "wsproxy_events_received_total": "Messages read from the events source (ZeroMQ or RabbitMQ).",
     "wsproxy_events_delivered_total": "Event frames queued to clients.",
     "wsproxy_events_dropped_total": "Events not delivered, by reason.",
     "wsproxy_events_slow_consumers_total": "Clients closed with 1013 for not keeping up.",
     "wsproxy_subscriptions_active": "Client topic subscriptions.",
     "wsproxy_events_zmq_subscriptions": "Distinct topics subscribed on the ZeroMQ socket.",
+    "wsproxy_events_decoded_total": "RabbitMQ messages decoded into an event.",
+    "wsproxy_events_undecodable_total": "RabbitMQ messages that could not be decoded, by kind.",
+    "wsproxy_events_duplicates_total": (
+        "RabbitMQ messages not delivered because earlier copies of the same event "
+        "already reached every client they match."
+    ),
+    "wsproxy_events_source_up": "1 while the RabbitMQ connection, queue and consumer are up.",
+    "wsproxy_events_source_reconnects_total": "Reconnections to RabbitMQ after a lost connection.",
+    "wsproxy_events_bindings": "Bindings of this process's RabbitMQ queue (one per scope).",
+}
+#: The label of each labelled events counter (bounded value sets: DROP_REASONS,
+#: contract.UNDECODABLE_KINDS).
+_EVENTS_LABELS = {
+    "wsproxy_events_dropped_total": "reason",
+    "wsproxy_events_undecodable_total": "kind",
 }
 
 
@@ -248,7 +263,8 @@ def _events_families(counters: dict[str, object]) -> Iterator[Metric]:
         if name.endswith("_total"):
             base = name.removesuffix("_total")
             if isinstance(value, dict):
-                fam = CounterMetricFamily(base, help_text, labels=["reason"])
+                label = _EVENTS_LABELS[name]
+                fam = CounterMetricFamily(base, help_text, labels=[label])
                 for reason, n in sorted(value.items()):
                     fam.add_metric([str(reason)], float(n))
             else:

@@ -1,8 +1,9 @@
 """dev.py, the two README commands: what each one installs and runs.
 
 dev.py runs in a scratch copy of the project whose .venv holds stand-ins for python,
-ruff, mypy and wsproxy (and whose .ci/chart-checks.sh is one too): each records the
-command it was given, so a test sees every step in order without installing anything.
+ruff, mypy and wsproxy (and whose .ci/chart-checks.sh and .ci/install-rabbitmq.sh are
+ones too): each records the command it was given, so a test sees every step in order
+without installing anything.
 """
 
 from __future__ import annotations
@@ -57,11 +58,11 @@ def project(tmp_path: Path) -> Project:
     shutil.copy(ROOT / "dev.py", tmp_path / "dev.py")
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     (tmp_path / ".ci").mkdir()
-    chart_checks = tmp_path / ".ci" / "chart-checks.sh"
-    chart_checks.write_text(
-        'echo "chart-checks.sh $*" >> "$DEV_TEST_LOG"\n'
-        'case " $DEV_TEST_FAIL " in *" chart-checks.sh "*) exit 3;; esac\n'
-    )
+    for script in ("chart-checks.sh", "install-rabbitmq.sh"):
+        (tmp_path / ".ci" / script).write_text(
+            f'echo "{script} $*" >> "$DEV_TEST_LOG"\n'
+            f'case " $DEV_TEST_FAIL " in *" {script} "*) exit 3;; esac\n'
+        )
     bin_dir = tmp_path / ".venv" / "bin"
     bin_dir.mkdir(parents=True)
     for name in ("python", "ruff", "mypy", "wsproxy"):
@@ -84,17 +85,21 @@ def test_test_exit_code_is_pytests(project: Project) -> None:
     assert code == 3 and ran == ["python -m pytest -k keepalive"]
 
 
-def test_full_gate_runs_chart_checks_lints_and_every_test_once(project: Project) -> None:
+def test_full_gate_installs_rabbitmq_runs_chart_checks_lints_and_every_test_once(
+    project: Project,
+) -> None:
     code, ran = project.dev("test")
     assert code == 0
-    assert ran[:4] == [
+    # The broker is installed first, so the AMQP tests below run (or skip with why).
+    assert ran[:5] == [
+        "install-rabbitmq.sh ",
         "chart-checks.sh ",
         "ruff check .",
         "ruff format --check .",
         "mypy --strict wsproxy",
     ]
-    pytests = [line.split()[3:] for line in ran[4:]]
-    assert [line.split()[:3] for line in ran[4:]] == [["python", "-m", "pytest"]] * 2
+    pytests = [line.split()[3:] for line in ran[5:]]
+    assert [line.split()[:3] for line in ran[5:]] == [["python", "-m", "pytest"]] * 2
     unit, rest = pytests
     # tests/unit alone, under coverage of the pure modules at 100% of branches ...
     assert unit[0] == "tests/unit"
@@ -106,6 +111,7 @@ def test_full_gate_runs_chart_checks_lints_and_every_test_once(project: Project)
         "--cov=wsproxy.config",
         "--cov=wsproxy.exchange",
         "--cov=wsproxy.connection",
+        "--cov=wsproxy.events.contract",
     }
     # ... then the whole suite (pytest's testpaths) except tests/unit: each test once.
     assert rest == ["--ignore=tests/unit"]
@@ -113,7 +119,7 @@ def test_full_gate_runs_chart_checks_lints_and_every_test_once(project: Project)
 
 @pytest.mark.parametrize(
     ("failing", "last"),
-    [("chart-checks.sh", 0), ("ruff", 1), ("mypy", 3), ("python", 4)],
+    [("install-rabbitmq.sh", 0), ("chart-checks.sh", 1), ("ruff", 2), ("mypy", 4), ("python", 5)],
 )
 def test_full_gate_stops_at_the_first_failing_step(
     project: Project, failing: str, last: int
@@ -121,6 +127,17 @@ def test_full_gate_stops_at_the_first_failing_step(
     code, ran = project.dev("test", fail=failing)
     assert code == 3
     assert len(ran) == last + 1 and ran[-1].startswith(failing)
+
+
+def test_bench_installs_rabbitmq_first_and_runs_even_when_that_fails(project: Project) -> None:
+    project.stamp_with("bench,test")
+    assert project.dev("bench", "--quick") == (
+        0,
+        ["install-rabbitmq.sh ", "python -m bench --quick"],
+    )
+    code, ran = project.dev("bench", "--quick", fail="install-rabbitmq.sh")
+    assert code == 0
+    assert ran == ["install-rabbitmq.sh ", "python -m bench --quick"]
 
 
 def test_demo_installs_no_extra_on_a_fresh_venv(project: Project) -> None:

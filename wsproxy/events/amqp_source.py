@@ -1,0 +1,436 @@
+"""The RabbitMQ events source: one queue per process, bound scope by scope.
+
+The publisher (VoIPbin's webhook-manager, or any other with ``message: routing_key``)
+sends each event to a topic exchange under routing keys such as
+``customer_id.<cid>.call.call_created.<id>``. This process declares its own queue
+(``<queue_prefix>-<uuid4>``: not durable, auto-delete, ``x-expires``) and binds it only
+to the scopes its clients asked for: a client topic ``customer_id:<cid>:call`` needs the
+binding ``customer_id.<cid>.#`` (:func:`wsproxy.events.contract.binding_key`). A
+binding is made when the first topic needing it is subscribed and removed after the
+last one left, so the broker sends each replica only what its own clients want.
+
+Connection handling is aio-pika's robust connection and channel: after a broker
+restart or a dropped connection it reconnects every ``reconnect_interval`` and restores
+the queue, every binding and the consumer. Events published while the connection is
+down are lost (the queue is auto-delete and not durable, as the publisher's own
+consumers' are); the at-most-once bookkeeping (:class:`~wsproxy.events.contract.Dedup`)
+keeps a redelivered or sibling copy from reaching a client twice.
+
+Bindings are reconciled by one task: the wanted set (from the hub's subscriptions)
+against the bound set, one broker round trip at a time, so that a client that
+subscribes and leaves quickly costs at most one bind and one unbind, and a broker that
+is down delays bindings instead of failing subscriptions.
+
+The broker URL is a credential: it is read from ``amqp.url_env`` or ``amqp.url_file``,
+and never logged (the lines here name host, port and vhost only; aio-pika's and
+aiormq's own loggers, which name the user, are silenced).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
+from yarl import URL
+
+from wsproxy.config import AmqpSettings, ConfigError
+from wsproxy.events import contract
+from wsproxy.events.source import EventSink
+from wsproxy.logs import FIELDS
+
+log = logging.getLogger("wsproxy.events")
+
+# Their lines name the broker user (aio-pika masks only the password); ours say what an
+# operator needs without it.
+for _name in ("aio_pika", "aiormq"):
+    logging.getLogger(_name).setLevel(logging.CRITICAL + 1)
+
+#: Seconds a single broker operation (bind, unbind, declare) may take before it is
+#: abandoned and retried after the next reconnect.
+OP_TIMEOUT = 10.0
+
+
+def read_url(settings: AmqpSettings) -> str:
+    """The broker URL from ``amqp.url_env`` or ``amqp.url_file``.
+
+    Raises ConfigError naming the key (never the value) when it is missing, empty or
+    not an ``amqp://`` / ``amqps://`` URL with a host.
+    """
+    if settings.url_env is not None:
+        key, where = "amqp.url_env", f"environment variable {settings.url_env}"
+        url = os.environ.get(settings.url_env, "").strip()
+        if not url:
+            raise ConfigError([f"{key}: {where} is not set or empty"])
+    else:
+        assert settings.url_file is not None  # the config checks one of the two is set
+        key, where = "amqp.url_file", f"'{settings.url_file}'"
+        try:
+            url = settings.url_file.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([f"{key}: cannot read {where}: {exc}"]) from None
+        if not url:
+            raise ConfigError([f"{key}: {where} is empty"])
+    try:
+        parsed = URL(url)
+        ok = parsed.scheme in ("amqp", "amqps") and bool(parsed.host)
+        if ok:
+            parsed.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ConfigError([f"{key}: {where} must hold an amqp:// or amqps:// URL with a host"])
+    return url
+
+
+def broker_address(url: str) -> str:
+    """``host:port/vhost`` of a broker URL: what logs may show of it."""
+    u = URL(url)
+    vhost = u.path[1:] if len(u.path) > 1 else "/"
+    return f"{u.host}:{u.port}/{vhost}" if vhost != "/" else f"{u.host}:{u.port}"
+
+
+class AmqpSource:
+    """Implements :class:`wsproxy.events.source.EventSource` over a RabbitMQ queue."""
+
+    def __init__(self, settings: AmqpSettings, url: str) -> None:
+        self.settings = settings
+        self._url = url
+        self.address = broker_address(url)
+        self.queue_name = f"{settings.queue_prefix}-{uuid.uuid4()}"
+        voipbin = settings.message == "voipbin"
+        self._decode = contract.decode_voipbin if voipbin else contract.decode_routing_key
+        self.dedup = contract.Dedup() if voipbin else None
+        # Binding key -> subscribed topics that need it (the wanted bindings).
+        self.keys: dict[str, int] = {}
+        self._key_of: dict[bytes, str] = {}
+        # Bindings the broker holds for our queue, as far as we know; aio-pika restores
+        # them after a reconnect.
+        self.bound: set[str] = set()
+        self.up = False
+        self.reconnects = 0
+        self.received = 0
+        self.decoded = 0
+        self.duplicates = 0
+        self.undecodable = dict.fromkeys(contract.UNDECODABLE_KINDS, 0)
+        self._logged_kinds: set[str] = set()
+        self._sink: EventSink | None = None
+        self._conn: aio_pika.RobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._queue: AbstractRobustQueue | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._wake: asyncio.Event | None = None
+        self._flush_handle: asyncio.Handle | None = None
+        self._down_at: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, sink: EventSink) -> None:
+        self._sink = sink
+        self._loop = loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        self._down_at = loop.time()
+        self._tasks = [
+            loop.create_task(self._connect(), name="wsproxy-amqp-connect"),
+            loop.create_task(self._reconcile(), name="wsproxy-amqp-bindings"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            # Closing the connection ends the consumer; the broker then deletes the
+            # auto-delete queue and its bindings.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(conn.close(), OP_TIMEOUT)
+        self._set_up(False, "closed")
+
+    def _new_connection(self) -> aio_pika.RobustConnection:
+        s = self.settings
+        conn = aio_pika.RobustConnection(
+            URL(self._url).update_query(heartbeat=max(1, round(s.heartbeat))),
+            reconnect_interval=s.reconnect_interval,
+            fail_fast=False,  # a broker down at start is retried, not fatal
+            client_properties={"connection_name": f"wsproxy {self.queue_name}"},
+        )
+        conn.close_callbacks.add(self._on_lost)
+        conn.reconnect_callbacks.add(self._on_restored)
+        self._conn = conn
+        return conn
+
+    async def _connect(self) -> None:
+        s = self.settings
+        log.info(
+            "events source connecting",
+            extra={FIELDS: {"event": "amqp_connecting", "broker": self.address}},
+        )
+        while True:
+            conn = self._new_connection()
+            try:
+                # Returns once connected; aio-pika retries every reconnect_interval.
+                await conn.connect()
+                channel = await conn.channel()
+                # A channel error (a bind refused, say) closes only the channel;
+                # aio-pika reopens it and restores the queue: finish the bindings then.
+                channel.reopen_callbacks.add(self._on_channel_reopened)
+                await channel.set_qos(prefetch_count=s.prefetch)
+                if s.declare_exchange and not s.exchange.startswith("amq."):
+                    await channel.declare_exchange(
+                        s.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+                    )
+                else:
+                    await channel.declare_exchange(s.exchange, passive=True)
+                queue = await channel.declare_queue(
+                    self.queue_name,
+                    durable=False,
+                    auto_delete=True,
+                    arguments={"x-expires": round(s.queue_expires * 1000)},
+                )
+                await queue.consume(self._on_message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # A refused declaration (406: the exchange exists with other properties;
+                # 404 with declare_exchange: false) or a connection lost mid-setup.
+                log.error(
+                    "events source setup failed",
+                    extra={
+                        FIELDS: {
+                            "event": "amqp_setup_failed",
+                            "broker": self.address,
+                            "exchange": s.exchange,
+                            "error": self._describe(exc),
+                        }
+                    },
+                )
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(conn.close(), OP_TIMEOUT)
+                await asyncio.sleep(max(s.reconnect_interval, 1.0))
+                continue
+            self._channel, self._queue = channel, queue
+            self._set_up(True, "connected")
+            return
+
+    def _on_lost(self, _conn: Any, exc: BaseException | None = None) -> None:
+        if self._conn is not None and self.up:
+            self._set_up(False, self._describe(exc) if exc is not None else "closed")
+
+    def _on_restored(self, _conn: Any) -> None:
+        if self._queue is None:
+            return  # the first connection: _connect reports it once set up
+        self.reconnects += 1
+        self._set_up(True, "reconnected")
+
+    def _on_channel_reopened(self, _channel: Any) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _set_up(self, up: bool, why: str) -> None:
+        if up == self.up:
+            return
+        self.up = up
+        loop = self._loop
+        now = loop.time() if loop is not None else 0.0
+        if up:
+            outage = None if self._down_at is None else round(now - self._down_at, 3)
+            self._down_at = None
+            log.info(
+                "events source up",
+                extra={
+                    FIELDS: {
+                        "event": "amqp_up",
+                        "broker": self.address,
+                        "queue": self.queue_name,
+                        "how": why,
+                        "down_seconds": outage,
+                    }
+                },
+            )
+            if self._wake is not None:
+                self._wake.set()  # bindings wanted meanwhile are made now
+        else:
+            self._down_at = now
+            if why != "closed" or self._conn is not None:
+                log.warning(
+                    "events source down",
+                    extra={FIELDS: {"event": "amqp_down", "broker": self.address, "error": why}},
+                )
+
+    # ------------------------------------------------------------------ bindings
+
+    def refuse(self, topic: bytes) -> str | None:
+        key = contract.binding_key(topic, self.settings.binding_parts)
+        if key is None:
+            return (
+                "topic cannot be subscribed: its first parts must be non-empty and hold "
+                "no '.', '*' or '#'"
+            )
+        if key not in self.keys and len(self.keys) >= self.settings.max_bindings:
+            return "too many scopes subscribed on this server; try again later"
+        return None
+
+    def subscribe(self, topic: bytes) -> None:
+        key = contract.binding_key(topic, self.settings.binding_parts)
+        assert key is not None  # refuse() said yes
+        self._key_of[topic] = key
+        n = self.keys.get(key, 0)
+        self.keys[key] = n + 1
+        if n == 0 and self._wake is not None:
+            self._wake.set()
+
+    def unsubscribe(self, topic: bytes) -> None:
+        key = self._key_of.pop(topic, None)
+        if key is None:
+            return
+        n = self.keys[key] - 1
+        if n:
+            self.keys[key] = n
+            return
+        del self.keys[key]
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _reconcile(self) -> None:
+        """Make the broker's bindings follow :attr:`keys`, one operation at a time."""
+        wake = self._wake
+        assert wake is not None
+        exchange = self.settings.exchange
+        while True:
+            await wake.wait()
+            wake.clear()
+            # Bounded: each pass either makes one change or stops; new wishes set wake.
+            for _ in range(len(self.keys) + len(self.bound) + 1):
+                queue = self._queue
+                if queue is None or not self.up:
+                    break
+                add = next((k for k in self.keys if k not in self.bound), None)
+                remove = (
+                    None
+                    if add is not None
+                    else next((k for k in self.bound if k not in self.keys), None)
+                )
+                if add is None and remove is None:
+                    break
+                try:
+                    if add is not None:
+                        await asyncio.wait_for(queue.bind(exchange, add), OP_TIMEOUT)
+                        self.bound.add(add)
+                    else:
+                        assert remove is not None
+                        await asyncio.wait_for(queue.unbind(exchange, remove), OP_TIMEOUT)
+                        self.bound.discard(remove)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    # The connection went away mid-operation: aio-pika restores the
+                    # bindings it knows after the reconnect, and _on_restored wakes us
+                    # to finish the rest.
+                    log.debug("binding deferred: %s", self._describe(exc))
+                    break
+            else:
+                wake.set()  # more changes arrived than this pass allowed for
+
+    # ------------------------------------------------------------------ events in
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self.received += 1
+        try:
+            self._handle(message.routing_key or "", message.body)
+        finally:
+            # After handling: an event is in the clients' queues before the broker
+            # forgets it. prefetch bounds what the broker sends ahead of the acks.
+            with contextlib.suppress(Exception):
+                await message.ack()
+
+    def _handle(self, routing_key: str, body: bytes) -> None:
+        sink = self._sink
+        assert sink is not None
+        try:
+            ev = self._decode(routing_key, body, self.settings.max_body_bytes)
+        except contract.Undecodable as exc:
+            self.undecodable[exc.kind] += 1
+            if exc.kind not in self._logged_kinds:
+                # Once per kind: a publisher sending garbage must not flood the log,
+                # and the message itself (a customer's data) is never quoted.
+                self._logged_kinds.add(exc.kind)
+                log.warning(
+                    "undecodable event",
+                    extra={
+                        FIELDS: {
+                            "event": "amqp_undecodable",
+                            "kind": exc.kind,
+                            "why": str(exc),
+                            "bytes": len(body),
+                            "note": "logged once per kind; see wsproxy_events_undecodable_total",
+                        }
+                    },
+                )
+            return
+        self.decoded += 1
+        seen: tuple[bytes, ...] = ()
+        names = ev.topics
+        if self.dedup is not None:
+            loop = self._loop
+            assert loop is not None
+            admitted = self.dedup.admit(body, names, loop.time())
+            if admitted is None:
+                self.duplicates += 1
+                return
+            names, seen = admitted
+        sink.event(names, ev.payload, seen)
+        if self._flush_handle is None and self._loop is not None:
+            # Once per burst: aio-pika hands messages over one task each.
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        if self._sink is not None:
+            self._sink.flush()
+
+    # ------------------------------------------------------------------ metrics
+
+    def counters(self) -> dict[str, object]:
+        return {
+            "wsproxy_events_received_total": self.received,
+            "wsproxy_events_decoded_total": self.decoded,
+            "wsproxy_events_undecodable_total": dict(self.undecodable),
+            "wsproxy_events_duplicates_total": self.duplicates,
+            "wsproxy_events_source_up": 1 if self.up else 0,
+            "wsproxy_events_source_reconnects_total": self.reconnects,
+            "wsproxy_events_bindings": len(self.bound),
+        }
+
+    def _describe(self, exc: BaseException) -> str:
+        """An exception as ``Type: text`` for a log line: cut short (broker replies can
+        be long), with the URL's user and password taken out should a library have
+        quoted them."""
+        text = str(exc)[:200]
+        u = URL(self._url)
+        for secret in (u.password, u.user, u.raw_password, u.raw_user):
+            if secret:
+                text = text.replace(secret, "***")
+        return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+    def describe(self) -> dict[str, object]:
+        s = self.settings
+        return {
+            "source": "amqp",
+            "broker": self.address,
+            "exchange": s.exchange,
+            "queue": self.queue_name,
+            "message": s.message,
+        }
