@@ -272,3 +272,15 @@ def rss() -> Iterator[Callable[[], int]]:
 
     proc = psutil.Process()
     yield lambda: int(proc.memory_info().rss)
+
+
+# --------------------------------------------------------------------------- RabbitMQ
+
+# A real broker: rabbit_node (session), amqp_vhost and amqp_url (a vhost per test),
+# private_rabbit (a node per test); see tests/support/rabbitmq.py.
+from tests.support.rabbitmq import (  # noqa: E402, F401
+    amqp_url,
+    amqp_vhost,
+    private_rabbit,
+    rabbit_node,
+)
