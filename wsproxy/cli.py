@@ -187,6 +187,14 @@ def demo(
     pong_wait: Annotated[
         str, typer.Option(metavar="DURATION", help="Time to wait for a pong, e.g. 12s.")
     ] = "12s",
+    source: Annotated[
+        str,
+        typer.Option(
+            metavar="zmq|amqp",
+            help="What feeds the events route: a ZeroMQ publisher (default) or a private "
+            "RabbitMQ node (needs rabbitmq-server installed).",
+        ),
+    ] = "zmq",
 ) -> None:
     """Start a small echo upstream and wsproxy in front of it, on 127.0.0.1."""
     from wsproxy.demo import run_demo
@@ -194,9 +202,18 @@ def demo(
     times = _durations(ping_interval=ping_interval, pong_wait=pong_wait)
     if not 0 < times["ping_interval"] < times["pong_wait"]:
         _fail(["--ping-interval: must be positive and less than --pong-wait"])
+    source = source.lower()
+    if source not in ("zmq", "amqp"):
+        _fail([f"--source: must be zmq or amqp (got {source!r})"])
+    if source == "amqp":
+        from wsproxy.rabbitmq_node import rabbitmq_available
+
+        missing = rabbitmq_available()
+        if missing is not None:
+            _fail([f"--source amqp: {missing}"])
     setup_logging("debug", "text")
     try:
-        code = run_async(run_demo(port, times["ping_interval"], times["pong_wait"]))
+        code = run_async(run_demo(port, times["ping_interval"], times["pong_wait"], source))
     except OSError as e:
         _fail([f"demo: cannot listen on 127.0.0.1:{port}: {e.strerror or e} (try --port)"])
         return

@@ -2,7 +2,9 @@
 
 An echo upstream (the ``websockets`` library) that also sends a tick every few
 seconds, and wsproxy in front of it with short keep-alive intervals so a newcomer
-sees pings, pongs and closes in the log within seconds.
+sees pings, pongs and closes in the log within seconds. Its events route is fed by a
+ZeroMQ publisher, or with ``--source amqp`` by a private RabbitMQ node that this
+process starts (and stops) and a publisher shaped like VoIPbin's webhook-manager.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -84,16 +87,63 @@ async def _publish(sock: zmq.asyncio.Socket) -> None:
         )
 
 
-async def run_demo(port: int, ping_interval: float, pong_wait: float) -> int:
+async def _publish_amqp(url: str) -> None:
+    """A stand-in for VoIPbin's webhook-manager: one call event every few seconds on
+    its topic exchange, under the customer and the agent routing keys (the events
+    route delivers each once)."""
+    import aio_pika
+
+    from wsproxy.config import VOIPBIN_EXCHANGE
+
+    conn = await aio_pika.connect_robust(url)
+    try:
+        channel = await conn.channel()
+        exchange = await channel.declare_exchange(
+            VOIPBIN_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        n = 0
+        while True:  # cancelled when the demo stops
+            await asyncio.sleep(TICK_SECONDS)
+            n += 1
+            cid, agent, call = DEMO_TOPIC.split(":")[1], "demo-agent", f"call-{n}"
+            data = {"id": call, "customer_id": cid, "owner_id": agent, "ts": time.time()}
+            body = json.dumps(
+                {
+                    "type": "call_updated",
+                    "publisher": "webhook-manager",
+                    "data_type": "application/json",
+                    "data": data,
+                }
+            ).encode()
+            for key in (
+                f"customer_id.{cid}.call.call_updated.{call}",
+                f"agent_id.{agent}.call.call_updated.{call}",
+            ):
+                await exchange.publish(
+                    aio_pika.Message(body, content_type="text/plain"), routing_key=key
+                )
+    finally:
+        await conn.close()
+
+
+async def run_demo(port: int, ping_interval: float, pong_wait: float, source: str = "zmq") -> int:
     # The upstream answers pings itself, but its own keep-alive is off so that the
     # pings in the log are the proxy's.
+    if source == "amqp":
+        return await _run_amqp(port, ping_interval, pong_wait)
     zctx = zmq.asyncio.Context()
     pub = zctx.socket(zmq.PUB)
     pub.setsockopt(zmq.LINGER, 0)
     zport = pub.bind_to_random_port("tcp://127.0.0.1")
     publisher = asyncio.create_task(_publish(pub))
     try:
-        return await _run(port, ping_interval, pong_wait, zport)
+        return await _run(
+            port,
+            ping_interval,
+            pong_wait,
+            {"zmq": {"endpoints": [f"tcp://127.0.0.1:{zport}"]}},
+            "ZeroMQ",
+        )
     finally:
         publisher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -102,7 +152,40 @@ async def run_demo(port: int, ping_interval: float, pong_wait: float) -> int:
         zctx.term()
 
 
-async def _run(port: int, ping_interval: float, pong_wait: float, zport: int) -> int:
+#: The environment variable the demo hands the private node's URL in (a credential:
+#: the config names the variable, never the URL).
+DEMO_AMQP_ENV = "WSPROXY_DEMO_AMQP_URL"
+
+
+async def _run_amqp(port: int, ping_interval: float, pong_wait: float) -> int:
+    from wsproxy.rabbitmq_node import RabbitNode
+
+    node = RabbitNode()
+    _say("wsproxy demo: starting a private RabbitMQ node on 127.0.0.1 (a few seconds) ...")
+    await asyncio.to_thread(node.start)
+    try:
+        os.environ[DEMO_AMQP_ENV] = node.url
+        publisher = asyncio.create_task(_publish_amqp(node.url))
+        try:
+            return await _run(
+                port,
+                ping_interval,
+                pong_wait,
+                {"amqp": {"url_env": DEMO_AMQP_ENV}, "events": {"auth": "none", "source": "amqp"}},
+                f"RabbitMQ node {node.node} on 127.0.0.1:{node.amqp_port}",
+            )
+        finally:
+            publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await publisher
+    finally:
+        os.environ.pop(DEMO_AMQP_ENV, None)
+        await asyncio.to_thread(node.stop)
+
+
+async def _run(
+    port: int, ping_interval: float, pong_wait: float, source: dict[str, Any], fed_by: str
+) -> int:
     async with serve(_upstream_handler, "127.0.0.1", 0, ping_interval=None) as upstream:
         uport = upstream.sockets[0].getsockname()[1] if upstream.sockets else 0
         config = parse_config(
@@ -114,8 +197,8 @@ async def _run(port: int, ping_interval: float, pong_wait: float, zport: int) ->
                     {"path": "/v1.0/service_agents/ws"},
                     {"path": "/v1.0/events", "mode": "events"},
                 ],
-                "zmq": {"endpoints": [f"tcp://127.0.0.1:{zport}"]},
                 "events": {"auth": "none"},
+                **source,
                 "admin": {"listen": "127.0.0.1:0"},
                 "keepalive": {
                     "ping_interval": ping_interval,
@@ -143,7 +226,7 @@ async def _run(port: int, ping_interval: float, pong_wait: float, zport: int) ->
                 f"  Connect with:  {sys.executable} -m websockets {url}\n"
                 "  Type a line to see it echoed; the upstream ticks every "
                 f"{TICK_SECONDS:g}s. Ctrl-C stops.\n"
-                f"  Events route (served by wsproxy from ZeroMQ): {events}\n"
+                f"  Events route (served by wsproxy from {fed_by}): {events}\n"
                 f"  connect to it the same way and send {subscribe}\n"
                 f"  Admin on {admin}: metrics, the connection table, health:\n"
                 f"    curl -s {admin}/metrics | grep '^wsproxy_'\n"

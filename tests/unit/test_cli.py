@@ -128,10 +128,14 @@ def test_demo_rejects_inverted_intervals() -> None:
 @pytest.fixture
 def demo_args(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, float, float]]:
     """What ``demo`` hands to ``run_demo`` (which is not run)."""
-    calls: list[tuple[int, float, float]] = []
+    calls: list[tuple[object, ...]] = []
 
-    async def fake_run_demo(port: int, ping_interval: float, pong_wait: float) -> int:
-        calls.append((port, ping_interval, pong_wait))
+    async def fake_run_demo(
+        port: int, ping_interval: float, pong_wait: float, source: str = "zmq"
+    ) -> int:
+        # The ZeroMQ default is recorded as before; another source is appended.
+        extra = () if source == "zmq" else (source,)
+        calls.append((port, ping_interval, pong_wait, *extra))
         return 0
 
     monkeypatch.setattr("wsproxy.demo.run_demo", fake_run_demo)
@@ -144,7 +148,7 @@ def demo_args(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, float, float]]
     [("2s", "5s", (2.0, 5.0)), ("250ms", "1.5", (0.25, 1.5)), ("1m", "2m", (60.0, 120.0))],
 )
 def test_demo_takes_durations_like_run(
-    demo_args: list[tuple[int, float, float]], ping: str, pong: str, seconds: tuple[float, float]
+    demo_args: list[tuple[object, ...]], ping: str, pong: str, seconds: tuple[float, float]
 ) -> None:
     result = runner.invoke(
         app, ["demo", "--port", "18099", "--ping-interval", ping, "--pong-wait", pong]
@@ -153,7 +157,7 @@ def test_demo_takes_durations_like_run(
     assert demo_args == [(18099, *seconds)]
 
 
-def test_demo_defaults_and_bad_durations(demo_args: list[tuple[int, float, float]]) -> None:
+def test_demo_defaults_and_bad_durations(demo_args: list[tuple[object, ...]]) -> None:
     assert runner.invoke(app, ["demo"]).exit_code == 0
     assert demo_args == [(8080, 5.0, 12.0)]
     result = runner.invoke(app, ["demo", "--ping-interval", "2x", "--pong-wait", "-1"])
@@ -162,6 +166,24 @@ def test_demo_defaults_and_bad_durations(demo_args: list[tuple[int, float, float
     assert lines[0].startswith("--ping-interval: invalid duration '2x' (use e.g. 30s")
     assert lines[1].startswith("--pong-wait: ")
     assert len(demo_args) == 1  # the bad one never started
+
+
+def test_demo_source_amqp_needs_rabbitmq(
+    demo_args: list[tuple[object, ...]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("wsproxy.rabbitmq_node.rabbitmq_available", lambda: None)
+    assert runner.invoke(app, ["demo", "--source", "AMQP"]).exit_code == 0
+    assert demo_args == [(8080, 5.0, 12.0, "amqp")]
+    monkeypatch.setattr(
+        "wsproxy.rabbitmq_node.rabbitmq_available", lambda: "rabbitmq-server not found"
+    )
+    result = runner.invoke(app, ["demo", "--source", "amqp"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "--source amqp: rabbitmq-server not found"
+    result = runner.invoke(app, ["demo", "--source", "kafka"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "--source: must be zmq or amqp (got 'kafka')"
+    assert len(demo_args) == 1  # neither of the refused ones started
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["check"], ["version"], ["demo"]])
