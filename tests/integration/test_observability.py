@@ -354,11 +354,32 @@ async def test_dashboard_and_rules_query_only_what_the_process_exports(tmp_path:
         "events": {"auth": "none"},
         "shutdown": {"drain_delay": 0, "close_spread": 0, "grace_period": 1},
     }
+    assert "wsproxy_events_source_up" in queried["rules"]
     write_config(config, "ws://127.0.0.1:9", port, admin, routes=routes, **extra)
+    # The RabbitMQ source's series exist from the start too (at 0 with no broker).
+    amqp_url = tmp_path / "amqp-url"
+    amqp_url.write_text(f"amqp://guest:guest@127.0.0.1:{free_port()}/")
+    port2, admin2 = free_port(), free_port()
+    config2 = tmp_path / "config-amqp.yaml"
+    write_config(
+        config2,
+        "ws://127.0.0.1:9",
+        port2,
+        admin2,
+        routes=routes,
+        amqp={"url_file": str(amqp_url)},
+        events={"auth": "none", "source": "amqp"},
+        shutdown=extra["shutdown"],
+    )
+    proc2 = await start_wsproxy(config2, admin2)
+    try:
+        exported_amqp = exported_names(await http_get(admin2, "/metrics"))
+    finally:
+        assert await proc2.stop() == 0
     proc = await start_wsproxy(config, admin)
     try:
         text = await http_get(admin, "/metrics")
-        exported = exported_names(text)
+        exported = exported_names(text) | exported_amqp
         for source, names in queried.items():
             missing = sorted(names - exported)
             assert not missing, f"the {source} queries metrics the process does not export"

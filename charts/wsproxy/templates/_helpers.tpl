@@ -130,7 +130,16 @@ preStop:
     seconds: {{ include "wsproxy.drainSeconds" . }}
 {{- end }}
 
-{{/* config.yaml: .Values.config plus listen, admin and tls set by the chart. */}}
+{{/*
+The environment variable that carries the broker URL from amqp.urlSecret into the
+wsproxy container; the name api-manager reads its own from.
+*/}}
+{{- define "wsproxy.amqpUrlEnv" -}}RABBITMQ_ADDRESS{{- end }}
+
+{{/*
+config.yaml: .Values.config plus listen, admin and tls set by the chart, and
+amqp.url_env when amqp.urlSecret names the Secret holding the broker URL.
+*/}}
 {{- define "wsproxy.config" -}}
 {{- $cfg := deepCopy (.Values.config | default dict) }}
 {{- $_ := set $cfg "listen" (printf "0.0.0.0:%d" (int .Values.containerPorts.proxy)) }}
@@ -140,6 +149,28 @@ preStop:
 {{- fail "tls.enabled needs tls.secretName (a Secret of type kubernetes.io/tls)" }}
 {{- end }}
 {{- $_ = set $cfg "tls" (dict "cert_file" "/etc/wsproxy/tls/tls.crt" "key_file" "/etc/wsproxy/tls/tls.key") }}
+{{- end }}
+{{- $urlSecret := dig "urlSecret" (dict) (.Values.amqp | default dict) }}
+{{- $amqp := $cfg.amqp | default dict }}
+{{- if $urlSecret.name }}
+{{- if not $urlSecret.key }}
+{{- fail "amqp.urlSecret.key is required with amqp.urlSecret.name: the key of the Secret that holds the broker URL" }}
+{{- end }}
+{{- if or $amqp.url_env $amqp.url_file }}
+{{- fail (printf "amqp.urlSecret sets config.amqp.url_env to %s: remove config.amqp.url_env and config.amqp.url_file" (include "wsproxy.amqpUrlEnv" .)) }}
+{{- end }}
+{{- $_ = set $amqp "url_env" (include "wsproxy.amqpUrlEnv" .) }}
+{{- $_ = set $cfg "amqp" $amqp }}
+{{- end }}
+{{- $eventsRoute := false }}
+{{- range $cfg.routes }}
+{{- if eq (lower (toString (.mode | default "relay"))) "events" }}
+{{- $eventsRoute = true }}
+{{- end }}
+{{- end }}
+{{- $source := lower (toString (dig "source" "zmq" ($cfg.events | default dict))) }}
+{{- if and $eventsRoute (eq $source "amqp") (not (or $amqp.url_env $amqp.url_file)) }}
+{{- fail "config.events.source is amqp: give the broker URL with amqp.urlSecret (an existing Secret and its key), or set config.amqp.url_env (with extraEnv) or config.amqp.url_file (with extraVolumes)" }}
 {{- end }}
 {{- toYaml $cfg }}
 {{- end }}
@@ -200,9 +231,20 @@ wsproxy.sidecarVolumes in the same pod.
     - name: wsproxy-admin
       containerPort: {{ .Values.containerPorts.admin }}
       protocol: TCP
-  {{- with .Values.extraEnv }}
+  {{- $urlSecret := dig "urlSecret" (dict) (.Values.amqp | default dict) }}
+  {{- if or .Values.extraEnv $urlSecret.name }}
   env:
+    {{- if $urlSecret.name }}
+    # The RabbitMQ events source's broker URL (config.amqp.url_env), from amqp.urlSecret.
+    - name: {{ include "wsproxy.amqpUrlEnv" . }}
+      valueFrom:
+        secretKeyRef:
+          name: {{ $urlSecret.name }}
+          key: {{ required "amqp.urlSecret.key is required with amqp.urlSecret.name" $urlSecret.key }}
+    {{- end }}
+    {{- with .Values.extraEnv }}
     {{- toYaml . | nindent 4 }}
+    {{- end }}
   {{- end }}
   {{- with .Values.livenessProbe }}
   livenessProbe:
