@@ -161,7 +161,7 @@ async def _run_amqp(port: int, ping_interval: float, pong_wait: float) -> int:
     from wsproxy.rabbitmq_node import RabbitNode
 
     node = RabbitNode()
-    _say("wsproxy demo: starting a private RabbitMQ node on 127.0.0.1 (a few seconds) ...")
+    _say("Starting a private RabbitMQ node on 127.0.0.1 for the events route (a few seconds)")
     await asyncio.to_thread(node.start)
     try:
         os.environ[DEMO_AMQP_ENV] = node.url
@@ -180,7 +180,7 @@ async def _run_amqp(port: int, ping_interval: float, pong_wait: float) -> int:
                 await publisher
     finally:
         os.environ.pop(DEMO_AMQP_ENV, None)
-        await asyncio.to_thread(node.stop)
+        await asyncio.to_thread(node.cleanup)  # stops it and removes its directory
 
 
 async def _run(

@@ -62,7 +62,7 @@ class Demo:
 
 
 @contextlib.asynccontextmanager
-async def demo(*, stderr_to_stdout: bool) -> AsyncIterator[Demo]:
+async def demo(*, stderr_to_stdout: bool, source: str = "zmq") -> AsyncIterator[Demo]:
     port = free_port()
     r, w = os.pipe()
     try:
@@ -73,6 +73,8 @@ async def demo(*, stderr_to_stdout: bool) -> AsyncIterator[Demo]:
             "demo",
             "--port",
             str(port),
+            "--source",
+            source,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=w,
             stderr=w if stderr_to_stdout else asyncio.subprocess.PIPE,
@@ -188,3 +190,36 @@ async def test_banner_shows_the_admin_address_with_curl_commands_that_work() -> 
             assert status == 200, (url, body)
         _, metrics = await http_get(urls["/metrics"])
         assert re.search(r"^wsproxy_connections_active\{", metrics, re.M), metrics
+
+
+async def test_the_amqp_demo_serves_events_from_its_own_rabbitmq_node_once_each() -> None:
+    """``wsproxy demo --source amqp``: a private node, a publisher shaped like VoIPbin's
+    (each event under the customer and the agent key), each event reaching the client
+    once; Ctrl-C stops the node too."""
+    from wsproxy.rabbitmq_node import rabbitmq_available
+
+    missing = rabbitmq_available()
+    if missing is not None:
+        pytest.skip(missing)
+    async with demo(stderr_to_stdout=False, source="amqp") as d:
+        banner = await d.banner()
+        assert any("served by wsproxy from RabbitMQ node" in line for line in banner), banner
+        node = re.search(r"RabbitMQ node (\S+) on", "\n".join(banner))
+        assert node is not None
+        async with connect(f"ws://127.0.0.1:{d.port}/v1.0/events") as events:
+            await events.send(SUBSCRIBE)
+            ids = []
+            async with asyncio.timeout(30000 * MS):
+                while len(ids) < 3:  # one event every 4 s
+                    ids.append(json.loads(await events.recv())["id"])
+            # Published twice (customer and agent key); delivered once, in order.
+            assert len(set(ids)) == 3 and ids == sorted(ids, key=lambda i: int(i.split("-")[1]))
+            d.proc.send_signal(signal.SIGINT)
+            assert await close_code(events, 10000 * MS) == 1001
+        assert await d.wait(30000 * MS) == 0
+        # The node is gone with the demo: no Erlang VM of that name is left.
+        ps = await asyncio.create_subprocess_exec(
+            "ps", "-eo", "args", stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await ps.communicate()
+        assert node.group(1) not in out.decode(), "the demo's RabbitMQ node is still running"
