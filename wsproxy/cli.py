@@ -124,25 +124,33 @@ def run(
 
 def _load_tls_and_keys(cfg: Config) -> None:
     """Load what ``run`` loads before it binds anything, with the same code: the TLS
-    certificate chain and key (and that they match), the upstream CA file, and the
-    events route's JWT key. Raises ConfigError naming the key at fault."""
+    certificate chain and key (and that they match), the upstream CA file, the events
+    route's JWT key and its RabbitMQ broker URL (read, never printed). Raises
+    ConfigError naming the key at fault."""
     from wsproxy.server import client_ssl_context, upstream_ssl_context
 
     client_ssl_context(cfg)
     upstream_ssl_context(cfg)
     ev = cfg.events
-    if ev is not None and ev.auth != "none" and any(r.mode == "events" for r in cfg.routes):
+    if ev is None or not any(r.mode == "events" for r in cfg.routes):
+        return
+    if ev.auth != "none":
         from wsproxy.events.auth import Authorizer
 
         Authorizer(ev.auth, ev.allowed_origins)
+    if ev.source == "amqp":
+        from wsproxy.events.amqp_source import read_url
+
+        assert cfg.amqp is not None  # checked at load
+        read_url(cfg.amqp)
 
 
 @app.command()
 def check(config: ConfigOpt = None) -> None:
     """Validate the configuration and print it with every default filled in.
 
-    Loads the TLS certificate, key and CA file and the events JWT key as run does, so
-    that a configuration that passes check also starts.
+    Loads the TLS certificate, key and CA file, the events JWT key and the RabbitMQ
+    broker URL as run does, so that a configuration that passes check also starts.
     """
     cfg = _load(config, {})
     try:

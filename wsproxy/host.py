@@ -20,7 +20,7 @@ not the connection's.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
@@ -248,7 +248,7 @@ class SessionHub(Protocol[SessionT, ConnT]):
 
     def drop(self, reason: str, n: int = 1, /) -> None: ...
 
-    def refuse(self, topic: bytes, /) -> str | None: ...
+    def refuse(self, topics: Collection[bytes], /) -> str | None: ...
 
     def subscribe(self, session: SessionT, topic: bytes, /) -> None: ...
 

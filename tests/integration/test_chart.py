@@ -14,6 +14,7 @@ these tests are skipped, saying so.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -105,12 +106,16 @@ def wsproxy_check(config_text: str, tmp_path: Path, certs: Any) -> dict[str, Any
     shutil.copy(certs.key_file, root / "tls" / "tls.key")
     path = root / "config.yaml"
     path.write_text(config_text.replace(CONFIG_DIR, f"{root}/"), encoding="utf-8")
+    # The broker URL the pod gets from its Secret (amqp.urlSecret): check reads it as
+    # run does, so the stand-in is in the environment.
+    env = {**os.environ, "RABBITMQ_ADDRESS": "amqp://user:secret@rabbitmq.example:5672/"}
     res = subprocess.run(
         [sys.executable, "-m", "wsproxy", "check", "--config", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
+        env=env,
     )
     assert res.returncode == 0, f"wsproxy check rejected the rendered config:\n{res.stderr}"
     effective: dict[str, Any] = yaml.safe_load(res.stdout)

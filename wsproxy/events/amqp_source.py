@@ -33,6 +33,7 @@ import contextlib
 import logging
 import os
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 import aio_pika
@@ -51,6 +52,8 @@ log = logging.getLogger("wsproxy.events")
 for _name in ("aio_pika", "aiormq"):
     logging.getLogger(_name).setLevel(logging.CRITICAL + 1)
 
+#: Seconds between two log lines saying the broker is still unreachable.
+STILL_DOWN_LOG = 60.0
 #: Seconds a single broker operation (bind, unbind, declare) may take before it is
 #: abandoned and retried after the next reconnect.
 OP_TIMEOUT = 10.0
@@ -126,6 +129,7 @@ class AmqpSource:
         self._tasks: list[asyncio.Task[None]] = []
         self._wake: asyncio.Event | None = None
         self._flush_handle: asyncio.Handle | None = None
+        self._still_down: asyncio.TimerHandle | None = None
         self._down_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -148,9 +152,10 @@ class AmqpSource:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
+        for handle in (self._flush_handle, self._still_down):
+            if handle is not None:
+                handle.cancel()
+        self._flush_handle = self._still_down = None
         conn, self._conn = self._conn, None
         if conn is not None:
             # Closing the connection ends the consumer; the broker then deletes the
@@ -164,7 +169,9 @@ class AmqpSource:
         conn = aio_pika.RobustConnection(
             URL(self._url).update_query(heartbeat=max(1, round(s.heartbeat))),
             reconnect_interval=s.reconnect_interval,
-            fail_fast=False,  # a broker down at start is retried, not fatal
+            # The first connect raises, so that _connect can say why it failed (the
+            # libraries' own lines are silenced); later reconnects are aio-pika's.
+            fail_fast=True,
             client_properties={"connection_name": f"wsproxy {self.queue_name}"},
         )
         conn.close_callbacks.add(self._on_lost)
@@ -178,6 +185,7 @@ class AmqpSource:
             "events source connecting",
             extra={FIELDS: {"event": "amqp_connecting", "broker": self.address}},
         )
+        last_error, last_logged = "", 0.0
         while True:
             conn = self._new_connection()
             try:
@@ -204,22 +212,29 @@ class AmqpSource:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                # A refused declaration (406: the exchange exists with other properties;
-                # 404 with declare_exchange: false) or a connection lost mid-setup.
-                log.error(
-                    "events source setup failed",
-                    extra={
-                        FIELDS: {
-                            "event": "amqp_setup_failed",
-                            "broker": self.address,
-                            "exchange": s.exchange,
-                            "error": self._describe(exc),
-                        }
-                    },
-                )
+                # Broker down or refusing the login, a refused declaration (406: the
+                # exchange exists with other properties; 404 with declare_exchange:
+                # false), or a connection lost mid-setup. Said once per distinct
+                # error and then every STILL_DOWN_LOG seconds, not once per attempt.
+                error = self._describe(exc)
+                now = asyncio.get_running_loop().time()
+                if error != last_error or now - last_logged >= STILL_DOWN_LOG:
+                    last_error, last_logged = error, now
+                    log.warning(
+                        "events source cannot connect",
+                        extra={
+                            FIELDS: {
+                                "event": "amqp_connect_failed",
+                                "broker": self.address,
+                                "exchange": s.exchange,
+                                "error": error,
+                                "retry_seconds": s.reconnect_interval,
+                            }
+                        },
+                    )
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(conn.close(), OP_TIMEOUT)
-                await asyncio.sleep(max(s.reconnect_interval, 1.0))
+                await asyncio.sleep(s.reconnect_interval)
                 continue
             self._channel, self._queue = channel, queue
             self._set_up(True, "connected")
@@ -245,6 +260,9 @@ class AmqpSource:
         self.up = up
         loop = self._loop
         now = loop.time() if loop is not None else 0.0
+        if self._still_down is not None:
+            self._still_down.cancel()
+            self._still_down = None
         if up:
             outage = None if self._down_at is None else round(now - self._down_at, 3)
             self._down_at = None
@@ -264,22 +282,52 @@ class AmqpSource:
                 self._wake.set()  # bindings wanted meanwhile are made now
         else:
             self._down_at = now
-            if why != "closed" or self._conn is not None:
+            if self._conn is not None:
                 log.warning(
                     "events source down",
                     extra={FIELDS: {"event": "amqp_down", "broker": self.address, "error": why}},
                 )
+                if loop is not None:
+                    self._still_down = loop.call_later(STILL_DOWN_LOG, self._log_still_down)
+
+    def _log_still_down(self) -> None:
+        """While aio-pika reconnects (silently), say every STILL_DOWN_LOG seconds that
+        the source is still down: a changed password or a vanished vhost shows here."""
+        self._still_down = None
+        loop = self._loop
+        if self.up or loop is None or self._down_at is None or self._conn is None:
+            return
+        log.warning(
+            "events source still down",
+            extra={
+                FIELDS: {
+                    "event": "amqp_still_down",
+                    "broker": self.address,
+                    "down_seconds": round(loop.time() - self._down_at, 3),
+                }
+            },
+        )
+        self._still_down = loop.call_later(STILL_DOWN_LOG, self._log_still_down)
 
     # ------------------------------------------------------------------ bindings
 
-    def refuse(self, topic: bytes) -> str | None:
-        key = contract.binding_key(topic, self.settings.binding_parts)
-        if key is None:
-            return (
-                "topic cannot be subscribed: its first parts must be non-empty and hold "
-                "no '.', '*' or '#'"
-            )
-        if key not in self.keys and len(self.keys) >= self.settings.max_bindings:
+    def refuse(self, topics: Collection[bytes]) -> str | None:
+        parts = self.settings.binding_parts
+        fresh: set[str] = set()
+        for topic in topics:
+            key = contract.binding_key(topic, parts)
+            if key is None:
+                return (
+                    "topic cannot be subscribed: its first parts must be non-empty and "
+                    "hold no '.', '*' or '#'"
+                )
+            if topic.count(b":") + 1 < parts:
+                # Its binding would be wider than one scope: the broker would send this
+                # process every scope under it (customer_id alone: every customer).
+                return f"topic must have at least {parts} ':'-separated parts"
+            if key not in self.keys:
+                fresh.add(key)
+        if len(self.keys) + len(fresh) > self.settings.max_bindings:
             return "too many scopes subscribed on this server; try again later"
         return None
 
@@ -391,7 +439,8 @@ class AmqpSource:
                 self.duplicates += 1
                 return
             names, seen = admitted
-        sink.event(names, ev.payload, seen)
+        if not sink.event(names, ev.payload, seen):
+            self.duplicates += 1
         if self._flush_handle is None and self._loop is not None:
             # Once per burst: aio-pika hands messages over one task each.
             self._flush_handle = self._loop.call_soon(self._flush)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from websockets.http11 import Request
@@ -175,11 +176,11 @@ class EventsHub:
 
     # ------------------------------------------------------------------ subscriptions
 
-    def refuse(self, topic: bytes) -> str | None:
-        """Why ``topic`` cannot be subscribed on this process's source, or None."""
-        if topic in self.index:
-            return None
-        return self.source.refuse(topic)
+    def refuse(self, topics: Collection[bytes]) -> str | None:
+        """Why ``topics`` (one subscribe message's) cannot all be subscribed on this
+        process's source, or None. Topics some client already holds are in place."""
+        new = [t for t in topics if t not in self.index]
+        return self.source.refuse(new) if new else None
 
     def subscribe(self, session: Session, topic: bytes) -> None:
         subs = self.index.get(topic)
@@ -228,25 +229,28 @@ class EventsHub:
                     targets |= subs
         return targets
 
-    def event(self, names: tuple[bytes, ...], payload: bytes, seen: tuple[bytes, ...] = ()) -> None:
+    def event(self, names: tuple[bytes, ...], payload: bytes, seen: tuple[bytes, ...] = ()) -> bool:
         targets = self._targets(names)
         if targets and seen:
             earlier = self._targets(seen)
             if earlier:
                 targets = targets - earlier
+                if not targets:
+                    return False  # every client it matches had an earlier copy
         if not targets:
             self.dropped["unmatched"] += 1
-            return
+            return True
         if not payload.isascii():
             try:
                 payload.decode("utf-8")
             except UnicodeDecodeError:
                 self.dropped["invalid_utf8"] += 1
-                return
+                return True
         frame = frames.build_frame(frames.OP_TEXT, payload)
         # A copy: a delivery may close a session, which unsubscribes it.
         for session in tuple(targets):
             session.deliver(frame)
+        return True
 
     def drop(self, reason: str, n: int = 1) -> None:
         self.dropped[reason] += n

@@ -534,14 +534,13 @@ class Session(asyncio.Protocol):
         if len(self.topics) + len(new) > limit:
             self._error(f"too many topics (at most {limit} per connection)")
             return
-        for b in new:
-            # The source may refuse what it cannot subscribe safely (RabbitMQ: a topic
-            # whose parts would widen the broker binding); nothing of the message is
-            # applied then.
-            why = self.hub.refuse(b)
-            if why is not None:
-                self._error(why)
-                return
+        # The source may refuse what it cannot subscribe safely (RabbitMQ: a topic whose
+        # parts would widen the broker binding, or scopes beyond amqp.max_bindings);
+        # nothing of the message is applied then.
+        why = self.hub.refuse(new) if new else None
+        if why is not None:
+            self._error(why)
+            return
         for b in new:
             self.topics.add(b)
             self.hub.subscribe(self, b)

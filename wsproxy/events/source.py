@@ -15,6 +15,7 @@ Typing only, like :mod:`wsproxy.host`: nothing here runs.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Protocol
 
 
@@ -23,11 +24,15 @@ class EventSink(Protocol):
 
     def event(
         self, topics: tuple[bytes, ...], payload: bytes, seen: tuple[bytes, ...] = ()
-    ) -> None:
+    ) -> bool:
         """One event: ``payload`` (UTF-8 text, sent as one text frame) for every client
         whose subscriptions match one of ``topics`` and none of ``seen`` (topics an
         earlier copy of the same event was already delivered under). Each client gets
-        it at most once, however many of its subscriptions match."""
+        it at most once, however many of its subscriptions match.
+
+        Returns False when every client it matches had it already through an earlier
+        copy (a duplicate, which the source counts); True otherwise, delivered or
+        counted by the hub as dropped."""
         ...
 
     def flush(self) -> None:
@@ -52,9 +57,10 @@ class EventSource(Protocol):
         """Stop the feed and release everything it holds; idempotent."""
         ...
 
-    def refuse(self, topic: bytes) -> str | None:
-        """Why a client may not subscribe to ``topic`` on this source (an error frame
-        tells the client), or None when it may. Checked before :meth:`subscribe`."""
+    def refuse(self, topics: Collection[bytes]) -> str | None:
+        """Why a client may not subscribe to ``topics`` (new to this process, from one
+        subscribe message) on this source, or None when it may subscribe to them all.
+        An error frame tells the client; nothing of the message is applied then."""
         ...
 
     def subscribe(self, topic: bytes) -> None:

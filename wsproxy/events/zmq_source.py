@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+from collections.abc import Collection
 
 import zmq
 import zmq.asyncio
@@ -93,7 +94,7 @@ class ZmqSource:
             self._ctx.term()
             self._ctx = None
 
-    def refuse(self, topic: bytes) -> str | None:
+    def refuse(self, topics: Collection[bytes]) -> str | None:
         return None  # the hub bounds topic length before anything reaches libzmq
 
     def subscribe(self, topic: bytes) -> None:
