@@ -514,6 +514,14 @@ async def test_topics_that_would_widen_the_binding_are_refused(
             await ws.send(json.dumps({"type": "subscribe", "topics": [bad]}))
             frame = json.loads(await recv(ws))
             assert frame["type"] == "error" and "cannot be subscribed" in frame["error"], bad
+        # Fewer parts than a scope: its binding would be every customer's events.
+        for broad in ("customer_id", "agent_id"):
+            await ws.send(json.dumps({"type": "subscribe", "topics": [broad]}))
+            frame = json.loads(await recv(ws))
+            assert frame == {
+                "type": "error",
+                "error": "topic must have at least 2 ':'-separated parts",
+            }, broad
         # One bad topic refuses the whole message: the good one is not applied either.
         await ws.send(json.dumps({"type": "subscribe", "topics": [f"customer_id:{C}", "x:#"]}))
         assert json.loads(await recv(ws))["type"] == "error"
