@@ -148,9 +148,20 @@ class AmqpSource:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            # Bounded: shutdown must not hang on a broker operation that ignores the
+            # cancellation; a task still running after this is reported, not awaited.
+            done, pending = await asyncio.wait(self._tasks, timeout=OP_TIMEOUT)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error(
+                        "events source task failed",
+                        extra={FIELDS: {"task": task.get_name(), "error": repr(task.exception())}},
+                    )
+            for task in pending:
+                log.error(
+                    "events source task did not stop", extra={FIELDS: {"task": task.get_name()}}
+                )
         self._tasks = []
         for handle in (self._flush_handle, self._still_down):
             if handle is not None:
@@ -161,7 +172,8 @@ class AmqpSource:
             # Closing the connection ends the consumer; the broker then deletes the
             # auto-delete queue and its bindings.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), OP_TIMEOUT)
+                async with asyncio.timeout(OP_TIMEOUT):
+                    await conn.close()
         self._set_up(False, "closed")
 
     def _new_connection(self) -> aio_pika.RobustConnection:
@@ -233,7 +245,8 @@ class AmqpSource:
                         },
                     )
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(conn.close(), OP_TIMEOUT)
+                    async with asyncio.timeout(OP_TIMEOUT):
+                        await conn.close()
                 await asyncio.sleep(s.reconnect_interval)
                 continue
             self._channel, self._queue = channel, queue
@@ -374,12 +387,17 @@ class AmqpSource:
                 if add is None and remove is None:
                     break
                 try:
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for drops a
+                    # cancellation that arrives as the call completes (bpo-42130),
+                    # and close() would wait for this task for ever.
                     if add is not None:
-                        await asyncio.wait_for(queue.bind(exchange, add), OP_TIMEOUT)
+                        async with asyncio.timeout(OP_TIMEOUT):
+                            await queue.bind(exchange, add)
                         self.bound.add(add)
                     else:
                         assert remove is not None
-                        await asyncio.wait_for(queue.unbind(exchange, remove), OP_TIMEOUT)
+                        async with asyncio.timeout(OP_TIMEOUT):
+                            await queue.unbind(exchange, remove)
                         self.bound.discard(remove)
                 except asyncio.CancelledError:
                     raise
