@@ -102,6 +102,13 @@ async def demo(*, stderr_to_stdout: bool, source: str = "zmq") -> AsyncIterator[
     finally:
         transport.close()
         if proc.returncode is None:
+            # SIGTERM first: the demo stops what it started (the --source amqp demo's
+            # RabbitMQ node would outlive a SIGKILL).
+            proc.terminate()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(30000 * MS):
+                    await proc.wait()
+        if proc.returncode is None:
             proc.kill()
             await proc.wait()
         if collector is not None:
