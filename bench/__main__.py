@@ -7,6 +7,8 @@ the same picows echo upstream (also its own process):
   wsproxy@REV   the same from a git worktree of REV (--baseline REV)
   nginx         load generator -> nginx (one worker, WebSocket Upgrade proxying) -> echo
   naive         load generator -> bench/naive_relay.py (websockets + uvloop) -> echo
+Then, when rabbitmq-server is installed and unless --no-amqp, the AMQP events source
+figures of bench/amqp.py, on a private RabbitMQ node (alone: `python -m bench.amqp`).
 
 Every repetition starts fresh proxies and runs each figure on every target in turn
 (A B C A B C ...), so machine drift hits all targets alike; the table shows medians
@@ -34,6 +36,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from bench import amqp as amqp_bench
 from bench.common import HOST, raise_fd_limit, tree_cpu_seconds, tree_rss, tree_tcp_established
 from bench.procs import (
     ROOT,
@@ -105,6 +108,13 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Plan]:
         help="comma-separated subset of direct,wsproxy,baseline,nginx,naive",
     )
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
+    p.add_argument(
+        "--amqp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the AMQP events source figures (default: on when rabbitmq-server is installed;"
+        " quick: 1 repetition)",
+    )
     args = p.parse_args(argv)
     quick = args.quick
     plan = Plan(
@@ -579,6 +589,8 @@ def main(argv: list[str]) -> int:
     finally:
         if worktree is not None:
             worktree.close()
+    amqp_plan = amqp_bench.make_plan(args.quick, 1 if args.quick else plan.reps)
+    amqp = amqp_bench.run_section(amqp_plan, args.amqp, log)
     ok, sanity_line = sanity(plan, medians, targets)
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     print()
@@ -608,6 +620,9 @@ def main(argv: list[str]) -> int:
         print(f"errors: {errors} messages lost or wrong in round-trip and latency runs")
     for text in summarize(problems):
         print(f"problem: {text}")
+    print()
+    for line in amqp_bench.report(amqp, args.quick):
+        print(line)
     print(f"took {time.monotonic() - started:.0f}s")
     if args.json:
         result = {
@@ -621,10 +636,11 @@ def main(argv: list[str]) -> int:
             "sanity_ok": ok,
             "runs": runs,
             "problems": problems,
+            "amqp": amqp_bench.as_json(amqp),
         }
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"wrote {args.json}")
-    return 0 if ok and not problems else 1
+    return 0 if ok and not problems and not amqp_bench.failed(amqp) else 1
 
 
 if __name__ == "__main__":

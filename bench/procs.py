@@ -129,10 +129,18 @@ class NaiveRelay(PortChild):
 
 
 class Publisher(PortChild):
-    """ZeroMQ PUB for the fan-out figure (bench/publish.py); go() starts publishing."""
+    """ZeroMQ PUB for the fan-out figure (bench/publish.py); go() starts publishing.
 
-    def __init__(self, seconds: float) -> None:
-        super().__init__("bench.publish", ["--seconds", str(seconds)], "publisher")
+    topic, size: of every message (publish.py's defaults when None).
+    """
+
+    def __init__(self, seconds: float, topic: str | None = None, size: int | None = None) -> None:
+        args = ["--seconds", str(seconds)]
+        if topic is not None:
+            args += ["--topic", topic]
+        if size is not None:
+            args += ["--size", str(size)]
+        super().__init__("bench.publish", args, "publisher")
 
     def go(self) -> None:
         assert self.proc.stdin is not None
@@ -190,10 +198,18 @@ def _wsproxy_env(root: Path) -> dict[str, str]:
     return os.environ | {"PYTHONPATH": str(root)}
 
 
+#: The environment variable that hands a wsproxy child its broker URL (a secret: never
+#: in its config file or on a command line).
+AMQP_URL_ENV = "WSPROXY_BENCH_AMQP_URL"
+
+
 class Wsproxy:
     """`python -m wsproxy run --config FILE` from the code at `root`, in front of the echo.
 
     events_port: also serve /events in `mode: events`, fed by a ZeroMQ publisher there.
+    amqp_url: serve /events fed by RabbitMQ instead (`events.source: amqp`, the URL in
+    the child's environment), its queue named `<queue_prefix>-<uuid>`.
+    admin_port: the admin listener's port (/metrics), None when the revision has none.
     """
 
     def __init__(
@@ -202,9 +218,12 @@ class Wsproxy:
         root: Path = ROOT,
         ping_interval: float = 30.0,
         events_port: int | None = None,
+        amqp_url: str | None = None,
+        queue_prefix: str = "wsproxy.bench",
     ) -> None:
         self.dir = tempfile.TemporaryDirectory(prefix="wsproxy-bench-")
         self.port = free_port()
+        self.admin_port: int | None = None
         features = wsproxy_features(root)
         config = Path(self.dir.name) / "wsproxy.yaml"
         text = (
@@ -214,7 +233,7 @@ class Wsproxy:
             f"routes:\n"
             f"  - path: /echo\n"
         )
-        if events_port is not None:
+        if events_port is not None or amqp_url is not None:
             text += "  - path: /events\n    mode: events\n"
         text += (
             f"keepalive:\n"
@@ -229,7 +248,8 @@ class Wsproxy:
         if "admin" in features:
             # Served as in production (metrics live), on a port of its own: the
             # default port would clash between two proxies.
-            text += f'admin:\n  listen: "{HOST}:{free_port()}"\n'
+            self.admin_port = free_port()
+            text += f'admin:\n  listen: "{HOST}:{self.admin_port}"\n'
         if "shutdown" in features:  # stop at once on SIGTERM (no drain delay)
             text += "shutdown:\n  drain_delay: 0s\n  close_spread: 0s\n  grace_period: 1s\n"
         if events_port is not None:
@@ -237,13 +257,21 @@ class Wsproxy:
                 f"zmq:\n  endpoints: ['tcp://{HOST}:{events_port}']\n"
                 "events:\n  auth: none\n  queue_size: 10000\n  overflow: drop_oldest\n"
             )
+        env = _wsproxy_env(root)
+        if amqp_url is not None:
+            text += (
+                f"amqp:\n  url_env: {AMQP_URL_ENV}\n  queue_prefix: {queue_prefix}\n"
+                "events:\n  auth: none\n  queue_size: 10000\n  overflow: drop_oldest\n"
+                "  source: amqp\n"
+            )
+            env[AMQP_URL_ENV] = amqp_url
         config.write_text(text)
         self.log_path = Path(self.dir.name) / "wsproxy.log"
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "wsproxy", "run", "--config", str(config)],
             cwd=root,
-            env=_wsproxy_env(root),
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -505,9 +533,21 @@ class IdleConnections:
 class Subscribers:
     """The load generator's `fanout` mode: clients subscribed to an events route."""
 
-    def __init__(self, url: str, count: int, seconds: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        count: int,
+        seconds: float,
+        topic: str | None = None,
+        size: int | None = None,
+        warmup: float | None = None,
+    ) -> None:
         cmd = [sys.executable, "-m", "bench.load", "fanout", "--url", url]
         cmd += ["--count", str(count), "--seconds", str(seconds)]
+        # topic, size (of every event's payload), warmup: load.py's defaults when None.
+        for flag, value in (("--topic", topic), ("--size", size), ("--warmup", warmup)):
+            if value is not None:
+                cmd += [flag, str(value)]
         self.seconds = seconds
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True
@@ -532,6 +572,61 @@ class Subscribers:
         if "error" in result:
             raise BenchError(f"subscribers: {result['error']}")
         return result
+
+    def close(self) -> None:
+        """Stop the process (its connections go with it); nothing when already done."""
+        _stop(self.proc)
+
+
+class AmqpPublisher:
+    """RabbitMQ publisher of VoIPbin-shaped events (bench/publish_amqp.py).
+
+    url: the broker URL, handed over in the child's environment (a secret). start()
+    begins publishing, result() waits for its end; data_size is the byte length of
+    every event's `data` (what a subscriber receives).
+    """
+
+    def __init__(self, url: str, timeout: float = 30.0) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.publish_amqp"],
+            cwd=ROOT,
+            env=os.environ | {AMQP_URL_ENV: url},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        try:
+            line = _readline(self.proc.stdout, timeout, "AMQP publisher")
+            if not line.startswith("READY "):
+                raise BenchError(f"AMQP publisher: unexpected output {line!r}")
+            self.data_size = int(line.split()[1])
+        except BaseException:
+            _stop(self.proc)
+            raise
+
+    def start(self, count: int, seconds: float, customers: list[str]) -> None:
+        """Publish up to `count` events within `seconds`, alternating over `customers`."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(f"publish {count} {seconds} {','.join(customers)}\n")
+        self.proc.stdin.flush()
+
+    def result(self, timeout: float) -> dict[str, Any]:
+        """{"published": n, "seconds": s} of the last start(), within `timeout` seconds."""
+        assert self.proc.stdout is not None
+        result: dict[str, Any] = json.loads(_readline(self.proc.stdout, timeout, "AMQP publisher"))
+        if "error" in result:
+            raise BenchError(f"AMQP publisher: {result['error']}")
+        return result
+
+    def close(self) -> None:
+        if self.proc.poll() is None and self.proc.stdin is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(5.0)
+        _stop(self.proc)
 
 
 def env_summary() -> dict[str, Any]:
