@@ -621,6 +621,9 @@ class AmqpSettings(BaseModel):
     heartbeat: Duration = 30.0
     max_body_bytes: Size = 1024 * 1024
     max_bindings: Annotated[int, BeforeValidator(_no_bool)] = Field(default=10_000, gt=0)
+    #: Under load, event frames are written to each client at most this often (many
+    #: events per write); a lone event is written at once. 0: after every message.
+    flush_interval: NonNegDuration = 0.005
 
     @model_validator(mode="after")
     def _check(self) -> AmqpSettings:

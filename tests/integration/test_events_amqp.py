@@ -933,3 +933,26 @@ def test_delivers_on_uvloop(amqp_config, amqp_url):
         assert not left, sorted(map(repr, left))
 
     uvloop.run(main())
+
+
+async def test_flush_interval_batches_a_burst_but_never_delays_a_lone_event(amqp_proxy, pub):
+    """amqp.flush_interval: an event after a quiet spell is written at once; one that
+    follows within the interval waits for the interval's end (many events per write)."""
+    interval = 2000 * MS
+    p = await amqp_proxy(amqp__flush_interval=interval)
+    async with ws_connect(p, EVENTS) as ws:
+        await subscribe(ws, f"customer_id:{C}")
+        await bound(p, 1)
+        await asyncio.sleep(interval)  # quiet spell: the next event goes out at once
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await pub.publish("call_created", {"id": "lone", "customer_id": C})
+        assert json.loads(await recv(ws))["id"] == "lone"
+        lone = loop.time() - start
+        await pub.publish("call_created", {"id": "next", "customer_id": C})
+        assert json.loads(await recv(ws, within=interval * 3))["id"] == "next"
+        following = loop.time() - start
+    # Generous margins (a loaded machine): the lone event well inside the interval,
+    # the next one not before the interval's end.
+    assert lone < interval * 0.5, lone
+    assert following >= interval * 0.9, following

@@ -47,6 +47,7 @@ def test_defaults_follow_the_voipbin_contract() -> None:
         1024 * 1024,
         10_000,
     )
+    assert a.flush_interval == 0.005
 
 
 def test_values_are_read_and_written_back(tmp_path: Path) -> None:
@@ -66,6 +67,7 @@ def test_values_are_read_and_written_back(tmp_path: Path) -> None:
                 "heartbeat": "10s",
                 "max_body_bytes": "64KiB",
                 "max_bindings": 7,
+                "flush_interval": 0,
                 "declare_exchange": False,
             }
         )
@@ -79,6 +81,7 @@ def test_values_are_read_and_written_back(tmp_path: Path) -> None:
         0.25,
     )
     text = effective_yaml(cfg)
+    assert a.flush_interval == 0.0
     assert "queue_expires: 5m" in text and "max_body_bytes: 64KiB" in text
     # The effective config names the file, never what it holds.
     assert "u:p@" not in text

@@ -130,6 +130,9 @@ class AmqpSource:
         self._wake: asyncio.Event | None = None
         self._flush_handle: asyncio.Handle | None = None
         self._still_down: asyncio.TimerHandle | None = None
+        self._last_flush = 0.0
+        self._unacked: AbstractIncomingMessage | None = None
+        self._acks: set[asyncio.Task[None]] = set()
         self._down_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -146,6 +149,7 @@ class AmqpSource:
         ]
 
     async def close(self) -> None:
+        self._tasks += self._acks
         for task in self._tasks:
             task.cancel()
         if self._tasks:
@@ -417,10 +421,25 @@ class AmqpSource:
         try:
             self._handle(message.routing_key or "", message.body)
         finally:
-            # After handling: an event is in the clients' queues before the broker
-            # forgets it. prefetch bounds what the broker sends ahead of the acks.
-            with contextlib.suppress(Exception):
-                await message.ack()
+            # Acked with its batch after the batch is in the clients' queues (one
+            # multiple-ack per flush); prefetch bounds what the broker sends ahead.
+            self._unacked = message
+            if self._flush_handle is None:
+                self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        """Write what the batch queued at most every ``amqp.flush_interval`` seconds:
+        at once when the last write was longer ago (a lone event is not delayed), else
+        at the end of the interval, so that under load each client gets one write() for
+        many events instead of one per event (aio-pika hands messages over one at a
+        time); bench/RESULTS.md has the figures."""
+        loop = self._loop
+        assert loop is not None
+        due = self._last_flush + self.settings.flush_interval
+        if loop.time() >= due:
+            self._flush_handle = loop.call_soon(self._flush)
+        else:
+            self._flush_handle = loop.call_at(due, self._flush)
 
     def _handle(self, routing_key: str, body: bytes) -> None:
         sink = self._sink
@@ -459,14 +478,24 @@ class AmqpSource:
             names, seen = admitted
         if not sink.event(names, ev.payload, seen):
             self.duplicates += 1
-        if self._flush_handle is None and self._loop is not None:
-            # Once per burst: aio-pika hands messages over one task each.
-            self._flush_handle = self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_handle = None
-        if self._sink is not None:
-            self._sink.flush()
+        loop = self._loop
+        assert loop is not None and self._sink is not None
+        self._last_flush = loop.time()
+        self._sink.flush()
+        message, self._unacked = self._unacked, None
+        if message is not None:
+            task = loop.create_task(self._ack(message))
+            self._acks.add(task)
+            task.add_done_callback(self._acks.discard)
+
+    @staticmethod
+    async def _ack(message: AbstractIncomingMessage) -> None:
+        # A connection lost meanwhile takes the delivery tags with it: nothing to ack.
+        with contextlib.suppress(Exception):
+            await message.ack(multiple=True)
 
     # ------------------------------------------------------------------ metrics
 
