@@ -885,3 +885,26 @@ async def test_events_metrics_are_exported(events_proxy, publisher):
         assert sample(samples, "wsproxy_events_dropped_total", reason="unmatched") == 1
         assert sample(samples, "wsproxy_subscriptions_active") == 1
         assert sample(samples, "wsproxy_connections_active", route=EVENTS) == 1
+
+
+async def test_a_backlog_of_events_does_not_starve_other_connections(events_proxy, publisher):
+    """With a backlog of events waiting in ZeroMQ, the reader hands the loop back after
+    each batch, so other connections are served meanwhile. pyzmq's recv on a socket
+    with messages waiting returns at once without yielding to the loop: the reader used
+    to spin through the whole backlog (a Ping or /metrics waited for a flood to end)."""
+    p = await events_proxy(events__overflow="drop_oldest")
+    backlog = 50_000  # below the SUB socket's RCVHWM, so none is dropped by ZeroMQ
+    async with ws_connect(p, EVENTS, close_timeout=0.2) as sink:
+        await subscribe(sink, "flood", pub=publisher)
+        received = lambda: p.events.counters()["wsproxy_events_received_total"]  # noqa: E731
+        # Published without giving the loop a turn: the backlog builds up in ZeroMQ.
+        for _ in range(backlog):
+            publisher.publish(b"flood:1", b'{"n":1}')
+        worst, last = 0, received()
+        async with asyncio.timeout(60):
+            while received() < backlog:  # bounded by the timeout
+                await asyncio.sleep(0)  # another task of the loop getting its turn
+                now = received()
+                worst, last = max(worst, now - last), now
+    # Between two turns of another task, at most a few batches of 256 were handled.
+    assert worst <= 4 * 256, f"{worst} events handled without the loop serving anyone else"
