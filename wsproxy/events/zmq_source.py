@@ -137,6 +137,10 @@ class ZmqSource:
                     self._on_message(msg, sink)
             finally:
                 sink.flush()
+            # pyzmq's recv on a socket with messages waiting returns at once without a
+            # turn of the loop: without this, a backlog is read to its end while every
+            # other connection (and /metrics) waits.
+            await asyncio.sleep(0)
 
     def _on_message(self, msg: list[bytes], sink: EventSink) -> None:
         self.received += 1
