@@ -29,7 +29,13 @@ import pytest
 
 from tests.support import MS
 from tests.support.amqp import NIL, Publisher, routing_keys
-from tests.support.helpers import wait_until, ws_connect
+from tests.support.helpers import (
+    wait_until,
+    ws_connect,
+    ws_subscribe,
+    ws_sync,
+    ws_unsubscribe,
+)
 from wsproxy.config import ConfigError
 from wsproxy.logs import FIELDS, JsonFormatter
 from wsproxy.rabbitmq_node import RabbitNode, rabbitmq_available
@@ -114,21 +120,8 @@ async def pub(amqp_url: str) -> AsyncIterator[Publisher]:
         yield p
 
 
-async def sync(ws: Any) -> None:
-    """Wait until the proxy has handled everything ``ws`` sent so far."""
-    pong = await ws.ping()
-    async with asyncio.timeout(5000 * MS):
-        await pong
-
-
-async def subscribe(ws: Any, *topics: str) -> None:
-    await ws.send(json.dumps({"type": "subscribe", "topics": list(topics)}))
-    await sync(ws)
-
-
-async def unsubscribe(ws: Any, *topics: str) -> None:
-    await ws.send(json.dumps({"type": "unsubscribe", "topics": list(topics)}))
-    await sync(ws)
+# One subscribe/unsubscribe/sync for every events test (tests/support/helpers.py).
+sync, subscribe, unsubscribe = ws_sync, ws_subscribe, ws_unsubscribe
 
 
 async def recv(ws: Any, within: float = 5000 * MS) -> Any:

@@ -38,7 +38,13 @@ from websockets.protocol import State
 from tests.support import MS, TIMESCALE
 from tests.support.admin import sample, scrape
 from tests.support.amqp import EXCHANGE, body, routing_keys
-from tests.support.helpers import wait_until, ws_connect
+from tests.support.helpers import (
+    wait_until,
+    ws_connect,
+    ws_subscribe,
+    ws_sync,
+    ws_unsubscribe,
+)
 from tests.support.process import Process, free_port, start_wsproxy, write_config
 from tests.support.wire import OP_CLOSE
 
@@ -172,21 +178,8 @@ class Stream:
 # --------------------------------------------------------------------------- clients
 
 
-async def sync(ws: Any) -> None:
-    """Wait until the proxy has answered a Ping (it handles frames in order)."""
-    pong = await ws.ping()
-    async with asyncio.timeout(5000 * MS):
-        await pong
-
-
-async def subscribe(ws: Any, *topics: str) -> None:
-    await ws.send(json.dumps({"type": "subscribe", "topics": list(topics)}))
-    await sync(ws)
-
-
-async def unsubscribe(ws: Any, *topics: str) -> None:
-    await ws.send(json.dumps({"type": "unsubscribe", "topics": list(topics)}))
-    await sync(ws)
+# One subscribe/unsubscribe/sync for every events test (tests/support/helpers.py).
+sync, subscribe, unsubscribe = ws_sync, ws_subscribe, ws_unsubscribe
 
 
 class Reader:
@@ -237,6 +230,23 @@ class Reader:
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
+
+
+async def wait_last_confirmed(stream: Any, *readers: Any) -> None:
+    """Every reader got the last event the broker confirmed to the publisher."""
+    last = max(stream.confirmed)
+    await wait_until(
+        lambda: all(r.has(last) for r in readers),
+        within=5000 * MS,
+        message="the last confirmed event",
+    )
+
+
+async def assert_reconnected_once(p: Any, bindings: int) -> None:
+    m = await metrics_of(p)
+    assert m["wsproxy_events_source_reconnects_total"] == 1, m
+    assert m["wsproxy_events_source_up"] == 1, m
+    assert m["wsproxy_events_bindings"] == bindings, m
 
 
 def assert_once_in_order(reader: Reader, name: str) -> None:
@@ -448,12 +458,7 @@ async def test_broker_restart_mid_stream(private_rabbit, amqp_proxy, record_prop
                 )
             finally:
                 await stream.stop()
-            last = max(stream.confirmed)
-            await wait_until(
-                lambda: r1.has(last) and r2.has(last),
-                within=5000 * MS,
-                message="the last confirmed event",
-            )
+            await wait_last_confirmed(stream, r1, r2)
             assert pings >= 1  # the restart took longer than one ping round
             for ws, r, name in ((ws1, r1, "client 1"), (ws2, r2, "client 2")):
                 await assert_open_and_answering(ws, r, name)
@@ -463,10 +468,7 @@ async def test_broker_restart_mid_stream(private_rabbit, amqp_proxy, record_prop
             assert set(r1.seqs) == set(r2.seqs)
             assert set(r1.seqs) <= set(stream.sent_at)
             await assert_restored(node, "/", scopes)
-            m = await metrics_of(p)
-            assert m["wsproxy_events_source_reconnects_total"] == 1, m
-            assert m["wsproxy_events_source_up"] == 1, m
-            assert m["wsproxy_events_bindings"] == 2, m
+            await assert_reconnected_once(p, bindings=2)
             await r1.stop()
             await r2.stop()
     finally:
@@ -543,12 +545,7 @@ async def test_dropped_connection_is_restored(
                 )
             finally:
                 await stream.stop()
-            last = max(stream.confirmed)
-            await wait_until(
-                lambda: r1.has(last) and r2.has(last),
-                within=5000 * MS,
-                message="the last confirmed event",
-            )
+            await wait_last_confirmed(stream, r1, r2)
             for ws, r, name in ((ws1, r1, "client 1"), (ws2, r2, "client 2")):
                 await assert_open_and_answering(ws, r, name)
                 assert_once_in_order(r, name)
@@ -556,10 +553,7 @@ async def test_dropped_connection_is_restored(
             # The same queue name, declared again (auto-deleted with its consumer).
             await assert_restored(node, vhost, scopes)
             assert our_queues(await ctl(node, "queues", vhost)).keys() == {queue}
-            m = await metrics_of(p)
-            assert m["wsproxy_events_source_reconnects_total"] == 1, m
-            assert m["wsproxy_events_source_up"] == 1, m
-            assert m["wsproxy_events_bindings"] == 2, m
+            await assert_reconnected_once(p, bindings=2)
             await r1.stop()
             await r2.stop()
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -72,3 +73,23 @@ async def peak_during(
         sampler.cancel()
         await asyncio.gather(sampler, return_exceptions=True)
     return result, max(peak, measure())
+
+
+async def ws_sync(ws: Any) -> None:
+    """Wait until the proxy has handled everything ``ws`` sent so far: it answers a
+    Ping only after the frames before it (an events subscribe has no acknowledgement)."""
+    pong = await ws.ping()
+    async with asyncio.timeout(5000 * MS):
+        await pong
+
+
+async def ws_subscribe(ws: Any, *topics: str) -> None:
+    """An events-route subscribe message for ``topics``, handled when this returns."""
+    await ws.send(json.dumps({"type": "subscribe", "topics": list(topics)}))
+    await ws_sync(ws)
+
+
+async def ws_unsubscribe(ws: Any, *topics: str) -> None:
+    """An events-route unsubscribe message for ``topics``, handled when this returns."""
+    await ws.send(json.dumps({"type": "unsubscribe", "topics": list(topics)}))
+    await ws_sync(ws)

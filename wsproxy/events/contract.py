@@ -31,7 +31,7 @@ import json
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, get_args
 
 __all__ = [
     "NIL_UUID",
@@ -60,16 +60,7 @@ UndecodableKind: TypeAlias = Literal[
 ]
 
 #: Kinds of undecodable messages (a bounded set: they become metric label values).
-UNDECODABLE_KINDS: tuple[UndecodableKind, ...] = (
-    "too_large",
-    "not_utf8",
-    "not_json",
-    "not_object",
-    "no_type",
-    "no_data",
-    "data_not_object",
-    "no_topics",
-)
+UNDECODABLE_KINDS: tuple[UndecodableKind, ...] = get_args(UndecodableKind)
 
 #: RabbitMQ topic-exchange binding keys are AMQP short strings: at most 255 bytes.
 MAX_BINDING_KEY = 255
