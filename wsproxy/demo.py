@@ -58,6 +58,8 @@ async def _upstream_handler(ws: ServerConnection) -> None:
 
 
 DEMO_TOPIC = "customer_id:demo"
+#: The agent the AMQP demo's events belong to (their second routing key).
+DEMO_AGENT_TOPIC = "agent_id:demo-agent"
 
 
 def _say(text: str) -> None:
@@ -105,7 +107,7 @@ async def _publish_amqp(url: str) -> None:
         while True:  # cancelled when the demo stops
             await asyncio.sleep(TICK_SECONDS)
             n += 1
-            cid, agent, call = DEMO_TOPIC.split(":")[1], "demo-agent", f"call-{n}"
+            cid, agent, call = DEMO_TOPIC.split(":")[1], DEMO_AGENT_TOPIC.split(":")[1], f"call-{n}"
             data = {"id": call, "customer_id": cid, "owner_id": agent, "ts": time.time()}
             body = json.dumps(
                 {
@@ -173,6 +175,10 @@ async def _run_amqp(port: int, ping_interval: float, pong_wait: float) -> int:
                 pong_wait,
                 {"amqp": {"url_env": DEMO_AMQP_ENV}, "events": {"auth": "none", "source": "amqp"}},
                 f"RabbitMQ node {node.node} on 127.0.0.1:{node.amqp_port}",
+                (DEMO_TOPIC, DEMO_AGENT_TOPIC),
+                "  (each event is published under the customer's and the agent's routing key,\n"
+                "  and both scopes are bound: it still arrives once; the second copy is\n"
+                "  counted in wsproxy_events_duplicates_total)\n",
             )
         finally:
             publisher.cancel()
@@ -184,7 +190,13 @@ async def _run_amqp(port: int, ping_interval: float, pong_wait: float) -> int:
 
 
 async def _run(
-    port: int, ping_interval: float, pong_wait: float, source: dict[str, Any], fed_by: str
+    port: int,
+    ping_interval: float,
+    pong_wait: float,
+    source: dict[str, Any],
+    fed_by: str,
+    topics: tuple[str, ...] = (DEMO_TOPIC,),
+    note: str = "",
 ) -> int:
     async with serve(_upstream_handler, "127.0.0.1", 0, ping_interval=None) as upstream:
         uport = upstream.sockets[0].getsockname()[1] if upstream.sockets else 0
@@ -218,7 +230,7 @@ async def _run(
         try:
             url = f"ws://127.0.0.1:{proxy.port}/v1.0/ws"
             events = f"ws://127.0.0.1:{proxy.port}/v1.0/events"
-            subscribe = json.dumps({"type": "subscribe", "topics": [DEMO_TOPIC]})
+            subscribe = json.dumps({"type": "subscribe", "topics": list(topics)})
             admin = f"http://127.0.0.1:{proxy.admin.port}" if proxy.admin is not None else ""
             _say(
                 f"\nwsproxy demo: upstream echo on ws://127.0.0.1:{uport}, proxy on {url}\n"
@@ -228,6 +240,7 @@ async def _run(
                 f"{TICK_SECONDS:g}s. Ctrl-C stops.\n"
                 f"  Events route (served by wsproxy from {fed_by}): {events}\n"
                 f"  connect to it the same way and send {subscribe}\n"
+                f"{note}"
                 f"  Admin on {admin}: metrics, the connection table, health:\n"
                 f"    curl -s {admin}/metrics | grep '^wsproxy_'\n"
                 f"    curl -s {admin}/connections\n"

@@ -21,8 +21,8 @@ never freed, so each one a client could mint would be memory it could grow at wi
   sent) is ``invalid``.
 - ``outcome`` ``refused_<status>``: the status must be a registered HTTP status code,
   else ``refused_other`` (an upstream may reflect what the client asked for).
-- ``side`` of close codes on an events route: ``client``, and ``proxy`` for the Close
-  wsproxy sent as the endpoint (there is no upstream).
+- ``side`` of close codes on an events route: ``client``, and ``proxy_to_client`` for
+  the Close wsproxy sent as the endpoint (there is no upstream).
 
 Every series an alert or a dashboard needs exists with the value 0 from the first
 scrape, for every configured route (and again for a route a SIGHUP adds) and every

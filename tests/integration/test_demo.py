@@ -213,14 +213,23 @@ async def test_the_amqp_demo_serves_events_from_its_own_rabbitmq_node_once_each(
         assert any("served by wsproxy from RabbitMQ node" in line for line in banner), banner
         node = re.search(r"RabbitMQ node (\S+) on", "\n".join(banner))
         assert node is not None
+        # The banner's own subscribe: the customer's and the agent's scope, both bound.
+        sent = next(line for line in banner if "and send {" in line)
+        subscribe = sent.split("and send ", 1)[1]
+        assert json.loads(subscribe)["topics"] == ["customer_id:demo", "agent_id:demo-agent"]
+        admin = next(w for line in banner for w in line.split() if w.endswith("/metrics"))
         async with connect(f"ws://127.0.0.1:{d.port}/v1.0/events") as events:
-            await events.send(SUBSCRIBE)
+            await events.send(subscribe)
             ids = []
             async with asyncio.timeout(30000 * MS):
                 while len(ids) < 3:  # one event every 4 s
                     ids.append(json.loads(await events.recv())["id"])
             # Published twice (customer and agent key); delivered once, in order.
             assert len(set(ids)) == 3 and ids == sorted(ids, key=lambda i: int(i.split("-")[1]))
+            # ... the second copies counted, not delivered.
+            _, metrics = await http_get(admin)
+            dups = re.search(r"^wsproxy_events_duplicates_total (\S+)", metrics, re.M)
+            assert dups is not None and float(dups.group(1)) >= 2, metrics
             d.proc.send_signal(signal.SIGINT)
             assert await close_code(events, 10000 * MS) == 1001
         assert await d.wait(30000 * MS) == 0

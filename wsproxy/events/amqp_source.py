@@ -75,8 +75,11 @@ def read_url(settings: AmqpSettings) -> str:
         key, where = "amqp.url_file", f"'{settings.url_file}'"
         try:
             url = settings.url_file.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError([f"{key}: cannot read {where}: {exc}"]) from None
+        except OSError as exc:
+            raise ConfigError([f"{key}: cannot read {where}: {exc.strerror or exc}"]) from None
+        except UnicodeDecodeError:
+            # The codec's message would quote a byte of the secret.
+            raise ConfigError([f"{key}: {where} is not UTF-8 text"]) from None
         if not url:
             raise ConfigError([f"{key}: {where} is empty"])
     try:
@@ -87,15 +90,19 @@ def read_url(settings: AmqpSettings) -> str:
     except ValueError:
         ok = False
     if not ok:
-        raise ConfigError([f"{key}: {where} must hold an amqp:// or amqps:// URL with a host"])
+        raise ConfigError(
+            [f"{key}: {where} must hold an amqp:// or amqps:// URL with a host (and a valid port)"]
+        )
     return url
 
 
 def broker_address(url: str) -> str:
     """``host:port/vhost`` of a broker URL: what logs may show of it."""
     u = URL(url)
+    # yarl knows no default port for amqp: the AMQP 0-9-1 ones (IANA: 5672, 5671).
+    port = u.explicit_port or (5671 if u.scheme == "amqps" else 5672)
     vhost = u.path[1:] if len(u.path) > 1 else "/"
-    return f"{u.host}:{u.port}/{vhost}" if vhost != "/" else f"{u.host}:{u.port}"
+    return f"{u.host}:{port}/{vhost}" if vhost != "/" else f"{u.host}:{port}"
 
 
 class AmqpSource:
@@ -334,6 +341,12 @@ class AmqpSource:
         for topic in topics:
             key = contract.binding_key(topic, parts)
             if key is None:
+                scope = topic.split(b":")[:parts]
+                if len(b".".join(scope)) + 2 > contract.MAX_BINDING_KEY:
+                    return (
+                        f"topic cannot be subscribed: its first {parts} parts are longer "
+                        f"than a broker binding allows ({contract.MAX_BINDING_KEY} bytes)"
+                    )
                 return (
                     "topic cannot be subscribed: its first parts must be non-empty and "
                     "hold no '.', '*' or '#'"
@@ -517,7 +530,9 @@ class AmqpSource:
         text = str(exc)[:200]
         u = URL(self._url)
         for secret in (u.password, u.user, u.raw_password, u.raw_user):
-            if secret:
+            # A one- or two-letter user name would turn every such letter pair into
+            # '***' and the line into noise; it is no secret worth that.
+            if secret and (len(secret) >= 3 or secret in (u.password, u.raw_password)):
                 text = text.replace(secret, "***")
         return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
