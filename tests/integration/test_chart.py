@@ -106,9 +106,13 @@ def wsproxy_check(config_text: str, tmp_path: Path, certs: Any) -> dict[str, Any
     shutil.copy(certs.key_file, root / "tls" / "tls.key")
     path = root / "config.yaml"
     path.write_text(config_text.replace(CONFIG_DIR, f"{root}/"), encoding="utf-8")
-    # The broker URL the pod gets from its Secret (amqp.urlSecret): check reads it as
-    # run does, so the stand-in is in the environment.
-    env = {**os.environ, "RABBITMQ_ADDRESS": "amqp://user:secret@rabbitmq.example:5672/"}
+    # What the pod gets from its Secrets (amqp.urlSecret, extraEnv): check reads them
+    # as run does, so stand-ins are in the environment.
+    env = {
+        **os.environ,
+        "RABBITMQ_ADDRESS": "amqp://user:secret@rabbitmq.example:5672/",
+        "JWT_KEY": "k" * 32,
+    }
     res = subprocess.run(
         [sys.executable, "-m", "wsproxy", "check", "--config", str(path)],
         capture_output=True,
