@@ -562,7 +562,7 @@ AGENT_T = f"agent_id:{AGENT}:chat:{CHAT}".encode()
 
 def test_dedup_first_copy_is_new() -> None:
     d = Dedup()
-    assert d.admit(b"body", (CUST_T, OWNER_T), 0.0) == ((CUST_T, OWNER_T), ())
+    assert d.admit(b"body", (CUST_T, OWNER_T), 0.0, "k1") == ((CUST_T, OWNER_T), ())
     assert len(d) == 1
 
 
@@ -572,64 +572,80 @@ def test_dedup_sibling_with_the_same_topics_is_a_duplicate() -> None:
     body = envelope(
         "call_created", f'{{"id": "{CALL}", "customer_id": "{CID}", "owner_id": "{OWNER}"}}'
     )
+    agent_key = key("agent_id", OWNER, "call", "call_created", CALL)
     first = decode(CALL_KEY, body)
-    second = decode(key("agent_id", OWNER, "call", "call_created", CALL), body)
-    assert d.admit(body, first.topics, 1.0) == (first.topics, ())
-    assert d.admit(body, second.topics, 1.5) is None
-    assert d.admit(body, first.topics[:1], 2.0) is None
+    second = decode(agent_key, body)
+    assert d.admit(body, first.topics, 1.0, CALL_KEY) == (first.topics, ())
+    assert d.admit(body, second.topics, 1.5, agent_key) is None
+    assert d.admit(body, first.topics[:1], 2.0, "a third key") is None
     assert len(d) == 1
 
 
 def test_dedup_chat_sibling_adds_only_its_agent() -> None:
     d = Dedup()
     body = envelope("chat_created", CHAT_DATA)
-    via_customer = decode(key("customer_id", CID, "talk", "chat_created", CHAT), body)
-    via_owner = decode(key("agent_id", OWNER, "talk", "chat_created", CHAT), body)
-    via_agent = decode(key("agent_id", AGENT, "talk", "chat_created", CHAT), body)
-    assert d.admit(body, via_customer.topics, 0.0) == ((CUST_T,), ())
-    assert d.admit(body, via_owner.topics, 0.1) == ((OWNER_T,), (CUST_T,))
-    assert d.admit(body, via_agent.topics, 0.2) == ((AGENT_T,), (CUST_T, OWNER_T))
-    assert d.admit(body, via_owner.topics, 0.3) is None
+    keys = [
+        key("customer_id", CID, "talk", "chat_created", CHAT),
+        key("agent_id", OWNER, "talk", "chat_created", CHAT),
+        key("agent_id", AGENT, "talk", "chat_created", CHAT),
+    ]
+    via_customer, via_owner, via_agent = (decode(k, body) for k in keys)
+    assert d.admit(body, via_customer.topics, 0.0, keys[0]) == ((CUST_T,), ())
+    assert d.admit(body, via_owner.topics, 0.1, keys[1]) == ((OWNER_T,), (CUST_T,))
+    assert d.admit(body, via_agent.topics, 0.2, keys[2]) == ((AGENT_T,), (CUST_T, OWNER_T))
+    assert d.admit(body, via_owner.topics, 0.3, "another owner key") is None
+
+
+def test_dedup_same_body_again_under_a_key_it_came_with_is_a_new_event() -> None:
+    # available, away, available: the third body repeats the first byte for byte.
+    d = Dedup()
+    agent_key = key("agent_id", OWNER, "call", "call_created", CALL)
+    assert d.admit(b"available", (CUST_T, OWNER_T), 0.0, CALL_KEY) is not None
+    assert d.admit(b"available", (CUST_T, OWNER_T), 0.1, agent_key) is None  # its sibling
+    assert d.admit(b"away", (CUST_T, OWNER_T), 1.0, CALL_KEY) is not None
+    assert d.admit(b"available", (CUST_T, OWNER_T), 2.0, CALL_KEY) == ((CUST_T, OWNER_T), ())
+    assert d.admit(b"available", (CUST_T, OWNER_T), 2.1, agent_key) is None  # its sibling
+    assert len(d) == 2
 
 
 def test_dedup_other_body_same_topics_is_new() -> None:
     d = Dedup()
-    assert d.admit(b"one", (CUST_T,), 0.0) == ((CUST_T,), ())
-    assert d.admit(b"two", (CUST_T,), 0.0) == ((CUST_T,), ())
+    assert d.admit(b"one", (CUST_T,), 0.0, "k") == ((CUST_T,), ())
+    assert d.admit(b"two", (CUST_T,), 0.0, "k") == ((CUST_T,), ())
     assert len(d) == 2
 
 
 def test_dedup_capacity_evicts_the_oldest() -> None:
     d = Dedup(capacity=2, window=60.0)
     for body in (b"a", b"b", b"c"):
-        assert d.admit(body, (CUST_T,), 0.0) is not None
+        assert d.admit(body, (CUST_T,), 0.0, "k1") is not None
     assert len(d) == 2
-    assert d.admit(b"c", (CUST_T,), 0.0) is None  # still known
-    assert d.admit(b"b", (CUST_T,), 0.0) is None
-    assert d.admit(b"a", (CUST_T,), 0.0) == ((CUST_T,), ())  # forgotten: new again
+    assert d.admit(b"c", (CUST_T,), 0.0, "k2") is None  # still known
+    assert d.admit(b"b", (CUST_T,), 0.0, "k2") is None
+    assert d.admit(b"a", (CUST_T,), 0.0, "k2") == ((CUST_T,), ())  # forgotten: new again
     assert len(d) == 2
-    assert d.admit(b"b", (CUST_T,), 0.0) == ((CUST_T,), ())  # "a" pushed "b" out
+    assert d.admit(b"b", (CUST_T,), 0.0, "k3") == ((CUST_T,), ())  # "a" pushed "b" out
 
 
 def test_dedup_stays_bounded() -> None:
     d = Dedup(capacity=64, window=1e9)
     for i in range(1000):
-        d.admit(i.to_bytes(4, "big"), (CUST_T,), float(i))
+        d.admit(i.to_bytes(4, "big"), (CUST_T,), float(i), "k")
         assert len(d) <= 64
     assert len(d) == 64
 
 
 def test_dedup_window_forgets_from_the_first_copy() -> None:
     d = Dedup(capacity=100, window=10.0)
-    assert d.admit(b"a", (CUST_T,), 0.0) is not None
-    assert d.admit(b"b", (CUST_T,), 5.0) is not None
-    assert d.admit(b"a", (CUST_T,), 9.0) is None  # a copy does not refresh the age
-    assert d.admit(b"a", (CUST_T,), 9.999) is None
-    assert d.admit(b"a", (CUST_T,), 10.0) == ((CUST_T,), ())  # forgotten after 10 s
+    assert d.admit(b"a", (CUST_T,), 0.0, "k1") is not None
+    assert d.admit(b"b", (CUST_T,), 5.0, "k1") is not None
+    assert d.admit(b"a", (CUST_T,), 9.0, "k2") is None  # a copy does not refresh the age
+    assert d.admit(b"a", (CUST_T,), 9.999, "k3") is None
+    assert d.admit(b"a", (CUST_T,), 10.0, "k4") == ((CUST_T,), ())  # forgotten after 10 s
     assert len(d) == 2  # "b" (age 5) and the new "a"
-    assert d.admit(b"c", (CUST_T,), 16.0) is not None
+    assert d.admit(b"c", (CUST_T,), 16.0, "k1") is not None
     assert len(d) == 2  # "b" went at 15 s
-    assert d.admit(b"b", (CUST_T,), 16.0) == ((CUST_T,), ())
+    assert d.admit(b"b", (CUST_T,), 16.0, "k2") == ((CUST_T,), ())
 
 
 @pytest.mark.parametrize(("capacity", "window"), [(0, 1.0), (1, 0.0), (1, -1.0), (1, float("nan"))])

@@ -32,11 +32,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import uuid
 from collections.abc import Collection
 from typing import Any
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
 from yarl import URL
 
@@ -140,6 +142,8 @@ class AmqpSource:
         self._last_flush = 0.0
         self._unacked: AbstractIncomingMessage | None = None
         self._acks: set[asyncio.Task[None]] = set()
+        # Binding keys the broker refused (403): not tried again while wanted.
+        self.refused: set[str] = set()
         self._down_at: float | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -213,7 +217,10 @@ class AmqpSource:
             conn = self._new_connection()
             try:
                 # Returns once connected; aio-pika retries every reconnect_interval.
-                await conn.connect()
+                # Bounded: an address that accepts TCP and never speaks AMQP (a load
+                # balancer without a backend) must not hold the source for ever; aio-pika
+                # keeps this timeout for its reconnects too.
+                await conn.connect(timeout=OP_TIMEOUT)
                 channel = await conn.channel()
                 # A channel error (a bind refused, say) closes only the channel;
                 # aio-pika reopens it and restores the queue: finish the bindings then.
@@ -263,6 +270,26 @@ class AmqpSource:
             self._channel, self._queue = channel, queue
             self._set_up(True, "connected")
             return
+
+    def _restart(self, why: str) -> None:
+        """Drop the connection and set everything up again through :meth:`_connect`
+        (for what aio-pika's restore cannot mend); bindings are made again after."""
+        loop = self._loop
+        assert loop is not None
+        self._set_up(False, why)
+        conn, self._conn = self._conn, None
+        self._queue = self._channel = None
+        self.bound.clear()
+
+        async def again() -> None:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(OP_TIMEOUT):
+                        await conn.close()
+            await asyncio.sleep(self.settings.reconnect_interval)
+            await self._connect()
+
+        self._tasks.append(loop.create_task(again(), name="wsproxy-amqp-connect"))
 
     def _on_lost(self, _conn: Any, exc: BaseException | None = None) -> None:
         if self._conn is not None and self.up:
@@ -379,6 +406,7 @@ class AmqpSource:
             self.keys[key] = n
             return
         del self.keys[key]
+        self.refused.discard(key)
         if self._wake is not None:
             self._wake.set()
 
@@ -395,7 +423,10 @@ class AmqpSource:
                 queue = self._queue
                 if queue is None or not self.up:
                     break
-                add = next((k for k in self.keys if k not in self.bound), None)
+                add = next(
+                    (k for k in self.keys if k not in self.bound and k not in self.refused),
+                    None,
+                )
                 remove = (
                     None
                     if add is not None
@@ -418,6 +449,30 @@ class AmqpSource:
                         self.bound.discard(remove)
                 except asyncio.CancelledError:
                     raise
+                except aiormq.exceptions.ChannelAccessRefused as exc:
+                    # 403: the broker user may not bind this scope (topic permissions).
+                    # Retrying would close the consumer's channel again and again (the
+                    # refusal closes the channel): the key is parked until every topic
+                    # needing it is gone, and said once.
+                    if add is not None:
+                        self.refused.add(add)
+                        log.warning(
+                            "binding refused",
+                            extra={
+                                FIELDS: {
+                                    "event": "amqp_bind_refused",
+                                    "binding": add[:80],
+                                    "error": self._describe(exc),
+                                }
+                            },
+                        )
+                    break
+                except aiormq.exceptions.ChannelNotFoundEntity as exc:
+                    # 404: the exchange is gone (declare_exchange: false, or deleted
+                    # by hand). aio-pika cannot restore this channel: start over, which
+                    # logs and retries until the exchange is back.
+                    self._restart(self._describe(exc))
+                    break
                 except Exception as exc:
                     # The connection went away mid-operation: aio-pika restores the
                     # bindings it knows after the reconnect, and _on_restored wakes us
@@ -484,7 +539,7 @@ class AmqpSource:
         if self.dedup is not None:
             loop = self._loop
             assert loop is not None
-            admitted = self.dedup.admit(body, names, loop.time())
+            admitted = self.dedup.admit(body, names, loop.time(), routing_key)
             if admitted is None:
                 self.duplicates += 1
                 return
@@ -527,7 +582,12 @@ class AmqpSource:
         """An exception as ``Type: text`` for a log line: cut short (broker replies can
         be long), with the URL's user and password taken out should a library have
         quoted them."""
-        text = str(exc)[:200]
+        # Object addresses (" at 0x7f..") differ on every attempt: without them, one
+        # error is one line however often it repeats.
+        text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(exc))[:200]
+        if "Connection.OpenOk" in text and "Connection.Close" in text:
+            # aiormq drops the broker's reason when it closes at Connection.Open.
+            text = "the broker refused the vhost (it does not exist, or the user may not use it)"
         u = URL(self._url)
         for secret in (u.password, u.user, u.raw_password, u.raw_user):
             # A one- or two-letter user name would turn every such letter pair into

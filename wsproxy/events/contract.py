@@ -327,16 +327,22 @@ class Dedup:
         self._window = window
         # OrderedDict, not dict: popping a plain dict's oldest key scans the deleted
         # slots in front of it (measured 6x slower per call at 4096 entries).
-        self._seen: OrderedDict[bytes, tuple[float, dict[bytes, None]]] = OrderedDict()
+        # Digest -> (first seen, topics carried, routing keys seen).
+        self._seen: OrderedDict[bytes, tuple[float, dict[bytes, None], set[str]]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._seen)
 
     def admit(
-        self, body: bytes, topics: tuple[bytes, ...], now: float
+        self, body: bytes, topics: tuple[bytes, ...], now: float, routing_key: str
     ) -> tuple[tuple[bytes, ...], tuple[bytes, ...]] | None:
-        """Record one copy of ``body`` published under ``topics`` (distinct) at ``now``
-        (monotonic seconds, from the caller's clock).
+        """Record one copy of ``body`` published under ``topics`` (distinct) with
+        ``routing_key`` at ``now`` (monotonic seconds, from the caller's clock).
+
+        The publisher sends one event once per routing key: a body arriving again under
+        a routing key it already came with is a new event that happens to repeat an
+        earlier one (an agent available, away, available again), not a sibling copy,
+        and starts afresh.
 
         Returns ``(new_topics, seen_topics)``: the topics no earlier copy of this body
         carried within the window (in ``topics`` order), and every topic the earlier
@@ -353,11 +359,15 @@ class Dedup:
             del seen[oldest]
         key = hashlib.blake2b(body, digest_size=16).digest()
         entry = seen.get(key)
+        if entry is not None and routing_key in entry[2]:
+            del seen[key]
+            entry = None
         if entry is None:
             if len(seen) >= self._capacity:
                 seen.popitem(last=False)
-            seen[key] = (now, dict.fromkeys(topics))
+            seen[key] = (now, dict.fromkeys(topics), {routing_key})
             return topics, ()
+        entry[2].add(routing_key)
         carried = entry[1]
         new = tuple(t for t in topics if t not in carried)
         if not new:
