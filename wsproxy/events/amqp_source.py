@@ -289,6 +289,8 @@ class AmqpSource:
             await asyncio.sleep(self.settings.reconnect_interval)
             await self._connect()
 
+        # Finished connect tasks are dropped, so that restarts never grow the list.
+        self._tasks = [t for t in self._tasks if not t.done()]
         self._tasks.append(loop.create_task(again(), name="wsproxy-amqp-connect"))
 
     def _on_lost(self, _conn: Any, exc: BaseException | None = None) -> None:
