@@ -39,7 +39,7 @@ from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustQueue
 from yarl import URL
 
 from wsproxy.config import AmqpSettings, ConfigError
@@ -107,6 +107,16 @@ def broker_address(url: str) -> str:
     return f"{u.host}:{port}/{vhost}" if vhost != "/" else f"{u.host}:{port}"
 
 
+async def _close_quietly(conn: aio_pika.RobustConnection | None) -> None:
+    """Close ``conn`` (None: nothing), within OP_TIMEOUT, whatever state it is in: the
+    caller is giving it up either way."""
+    if conn is None:
+        return
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(OP_TIMEOUT):
+            await conn.close()
+
+
 class AmqpSource:
     """Implements :class:`wsproxy.events.source.EventSource` over a RabbitMQ queue."""
 
@@ -133,7 +143,6 @@ class AmqpSource:
         self._logged_kinds: set[str] = set()
         self._sink: EventSink | None = None
         self._conn: aio_pika.RobustConnection | None = None
-        self._channel: AbstractRobustChannel | None = None
         self._queue: AbstractRobustQueue | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._wake: asyncio.Event | None = None
@@ -183,12 +192,9 @@ class AmqpSource:
                 handle.cancel()
         self._flush_handle = self._still_down = None
         conn, self._conn = self._conn, None
-        if conn is not None:
-            # Closing the connection ends the consumer; the broker then deletes the
-            # auto-delete queue and its bindings.
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(OP_TIMEOUT):
-                    await conn.close()
+        # Closing the connection ends the consumer; the broker then deletes the
+        # auto-delete queue and its bindings.
+        await _close_quietly(conn)
         self._set_up(False, "closed")
 
     def _new_connection(self) -> aio_pika.RobustConnection:
@@ -216,10 +222,10 @@ class AmqpSource:
         while True:
             conn = self._new_connection()
             try:
-                # Returns once connected; aio-pika retries every reconnect_interval.
-                # Bounded: an address that accepts TCP and never speaks AMQP (a load
-                # balancer without a backend) must not hold the source for ever; aio-pika
-                # keeps this timeout for its reconnects too.
+                # Raises when this attempt fails (fail_fast): the loop below logs and
+                # tries again. Bounded: an address that accepts TCP and never speaks
+                # AMQP (a load balancer without a backend) must not hold the source for
+                # ever; aio-pika keeps this timeout for its own reconnects later.
                 await conn.connect(timeout=OP_TIMEOUT)
                 channel = await conn.channel()
                 # A channel error (a bind refused, say) closes only the channel;
@@ -262,12 +268,10 @@ class AmqpSource:
                             }
                         },
                     )
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(OP_TIMEOUT):
-                        await conn.close()
+                await _close_quietly(conn)
                 await asyncio.sleep(s.reconnect_interval)
                 continue
-            self._channel, self._queue = channel, queue
+            self._queue = queue
             self._set_up(True, "connected")
             return
 
@@ -278,14 +282,11 @@ class AmqpSource:
         assert loop is not None
         self._set_up(False, why)
         conn, self._conn = self._conn, None
-        self._queue = self._channel = None
+        self._queue = None
         self.bound.clear()
 
         async def again() -> None:
-            if conn is not None:
-                with contextlib.suppress(Exception):
-                    async with asyncio.timeout(OP_TIMEOUT):
-                        await conn.close()
+            await _close_quietly(conn)
             await asyncio.sleep(self.settings.reconnect_interval)
             await self._connect()
 
