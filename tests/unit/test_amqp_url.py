@@ -66,3 +66,12 @@ def test_a_scope_too_long_to_bind_says_so() -> None:
     )
     assert "'#'" in (src.refuse([b"customer_id:#"]) or "")
     assert src.refuse([b"customer_id:c1:call"]) is None
+
+
+def test_a_password_at_the_cut_of_a_long_error_leaves_no_prefix_behind() -> None:
+    # The text is cut for the log line; cutting before taking the password out would
+    # leave its first characters in the line.
+    src = AmqpSource(AmqpSettings(url_env="X"), "amqp://operator:s3cretpassw0rd@h:5672/")
+    for pad in range(180, 200):
+        text = src._describe(RuntimeError("x" * pad + "s3cretpassw0rd and more"))
+        assert "s3cr" not in text, pad
