@@ -587,7 +587,9 @@ class AmqpSource:
         quoted them."""
         # Object addresses (" at 0x7f..") differ on every attempt: without them, one
         # error is one line however often it repeats.
-        text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(exc))[:200]
+        # Bounded before anything else (a library's text can be long), but cut only
+        # after the secrets are out: a cut through the password would keep its start.
+        text = re.sub(r" at 0x[0-9a-fA-F]+", "", str(exc)[:4096])
         if "Connection.OpenOk" in text and "Connection.Close" in text:
             # aiormq drops the broker's reason when it closes at Connection.Open.
             text = "the broker refused the vhost (it does not exist, or the user may not use it)"
@@ -597,6 +599,7 @@ class AmqpSource:
             # '***' and the line into noise; it is no secret worth that.
             if secret and (len(secret) >= 3 or secret in (u.password, u.raw_password)):
                 text = text.replace(secret, "***")
+        text = text[:200]
         return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
     def describe(self) -> dict[str, object]:
